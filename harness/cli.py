@@ -1,0 +1,97 @@
+"""The ``jagbench`` command line: one parser, one function per command, heavy imports inside.
+
+Exit codes (DESIGN.md): 0 success / all agree, 1 a disagreement or regression was found,
+2 a usage or setup error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+EXIT_OK = 0
+EXIT_FOUND = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A command-line or setup problem: printed without a traceback, exit code 2."""
+
+
+def _progress(message: str) -> None:
+    print(f"\r{message}", end="", file=sys.stderr, flush=True)
+
+
+def _load_backends(specs: Sequence[str] | None, *, with_reference: bool = False) -> list:
+    from harness.backend import BackendSpecError, BackendUnavailable, available_backends, load_backend
+
+    if not specs:
+        backends = available_backends()
+        return [b for b in backends if with_reference or b.name != "reference"]
+    out = []
+    for spec in specs:
+        try:
+            out.append(load_backend(spec))
+        except (BackendUnavailable, BackendSpecError) as e:
+            raise UsageError(str(e)) from e
+    return out
+
+
+def cmd_backends(args: argparse.Namespace) -> int:
+    from harness.backend import backend_statuses
+    from harness.table import markdown_table
+
+    rows = [
+        [s.name, "yes" if s.available else "no", s.summary if s.available else s.reason]
+        for s in backend_statuses()
+    ]
+    print(markdown_table(["backend", "available", "what it is / why not"], rows))
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from harness.smoke import format_smoke, smoke_check
+
+    backends = _load_backends(args.backend)
+    summary = smoke_check(backends, range(args.seed, args.seed + args.problems), progress=_progress)
+    print(file=sys.stderr)
+    print(format_smoke(summary))
+    return EXIT_FOUND if summary.failed else EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jagbench",
+        description="Verify and benchmark pooled jagged embedding lookup backends.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("backends", help="list every backend, available or not, with the reason")
+    p.set_defaults(func=cmd_backends)
+
+    p = sub.add_parser("check", help="agreement check of backends on a few seeded problems")
+    p.add_argument(
+        "--backend",
+        action="append",
+        metavar="NAME_OR_SPEC",
+        help="a built-in name, module:ATTR or file.py:ATTR (repeatable; default: all available)",
+    )
+    p.add_argument("--problems", type=int, default=20, help="how many problems (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first problem (default 0)")
+    p.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"jagbench {args.command}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The problem model and the worked examples of the seed tutorial this project started from."""
+
+import torch
+import torch.nn.functional as F
+
+from harness.agreement import Outcome, check_agreement
+from harness.backend import load_backend
+from harness.model import JaggedBatch, Pooling, TableConfig, output_columns, total_dim
+from harness.weights import make_weights
+
+
+def test_embedding_gives_rows_and_embedding_bag_mean_gives_their_mean():
+    table = torch.randn(10, 4)
+    ids = torch.tensor([[1, 3]])
+    rows = F.embedding(ids, table)
+    assert torch.equal(rows[0, 0], table[1]) and torch.equal(rows[0, 1], table[3])
+    pooled = F.embedding_bag(ids, table, mode="mean")
+    assert torch.allclose(pooled[0], (table[1] + table[3]) / 2)
+
+
+def test_offsets_derive_from_lengths_and_split_values_into_bags():
+    batch = JaggedBatch(("f",), torch.tensor([5, 7, 1]), torch.tensor([1, 2]))
+    assert batch.offsets.tolist() == [0, 1, 3]
+    assert batch.bag("f", 0).tolist() == [5]
+    assert batch.bag("f", 1).tolist() == [7, 1]
+    assert batch.batch_size == 2
+
+
+def test_two_features_combine_feature_major():
+    batch = JaggedBatch.from_bags({"product": [[1, 2, 1], [5]], "user": [[2, 3], [4, 1]]})
+    assert batch.lengths.tolist() == [3, 1, 2, 2]
+    assert batch.values.tolist() == [1, 2, 1, 5, 2, 3, 4, 1]
+    assert batch.keys == ("product", "user")
+
+
+def test_two_tables_pool_to_product_columns_first():
+    tables = [
+        TableConfig("product_table", 4096, 64, ("product",), Pooling.SUM),
+        TableConfig("user_table", 4096, 64, ("user",), Pooling.SUM),
+    ]
+    weights = make_weights(tables, seed=1)
+    # The batch lists "user" first: columns still follow the tables' order.
+    batch = JaggedBatch.from_bags({"user": [[2, 3], [4, 1]], "product": [[1, 2, 1], [5]]})
+    out = load_backend("torch").prepare(tables, weights)(batch)
+    assert out.shape == (2, 128) and out.dtype == torch.float32
+    product, user = weights["product_table"], weights["user_table"]
+    assert torch.allclose(out[0, :64], product[1] + product[2] + product[1])
+    assert torch.allclose(out[1, :64], product[5])
+    assert torch.allclose(out[0, 64:], user[2] + user[3])
+    assert total_dim(tables) == 128
+    assert [c[:3] for c in output_columns(tables)] == [
+        ("product_table", "product", 0),
+        ("user_table", "user", 64),
+    ]
+
+
+def test_shared_table_columns_follow_feature_names_order():
+    tables = [TableConfig("t", 5, 2, ("a", "b"), Pooling.MEAN)]
+    weights = {"t": torch.arange(10, dtype=torch.float32).reshape(5, 2)}
+    batch = JaggedBatch.from_bags({"b": [[4]], "a": [[0, 1]]})
+    out = load_backend("reference").prepare(tables, weights)(batch)
+    assert out.tolist() == [[1.0, 2.0, 8.0, 9.0]]
+
+
+def test_weights_are_seeded_per_table():
+    t1 = TableConfig("a", 7, 3, ("x",), dtype=torch.bfloat16)
+    t2 = TableConfig("b", 7, 3, ("y",))
+    one = make_weights([t1], seed=3)
+    both = make_weights([t1, t2], seed=3)
+    assert torch.equal(one["a"], both["a"]) and one["a"].dtype == torch.bfloat16
+    assert not torch.equal(make_weights([t1], seed=4)["a"], one["a"])
+
+
+def test_pooling_accepts_its_string_value():
+    assert TableConfig("t", 1, 1, ["f"], "mean").pooling is Pooling.MEAN
+
+
+def test_agreement_check_on_empty_batch_and_empty_bags():
+    tables = [TableConfig("t", 3, 5, ("f", "g"), Pooling.MEAN)]
+    weights = make_weights(tables)
+    backends = [load_backend("torch")]
+    for bags in ({"f": [], "g": []}, {"f": [[], [1]], "g": [[2, 2], []]}):
+        verdicts = check_agreement(backends, tables, weights, JaggedBatch.from_bags(bags))
+        assert [v.outcome for v in verdicts] == [Outcome.AGREE], verdicts
