@@ -63,6 +63,36 @@ BUILTIN_BACKENDS: tuple[BuiltinBackend, ...] = (
         "impls.torch_embedding_bag:TorchEmbeddingBag",
         "torch.nn.functional.embedding_bag, one call per table, CPU",
     ),
+    BuiltinBackend(
+        "torch-cuda",
+        "impls.torch_embedding_bag:torch_cuda",
+        "torch.nn.functional.embedding_bag, one call per table, on the first CUDA device",
+    ),
+    BuiltinBackend(
+        "numba",
+        "impls.numba_fused:NumbaFused",
+        "our fused parallel numba kernel: every table and feature in one call, CPU",
+    ),
+    BuiltinBackend(
+        "triton",
+        "impls.triton_fused:TritonFused",
+        "our fused Triton kernel: one launch for all tables (CUDA, or Triton's interpreter on CPU)",
+    ),
+    BuiltinBackend(
+        "torchrec",
+        "impls.torchrec_ebc:TorchrecEBC",
+        "torchrec EmbeddingBagCollection fed a KeyedJaggedTensor",
+    ),
+    BuiltinBackend(
+        "torchrec-fused",
+        "impls.torchrec_ebc:TorchrecFusedEBC",
+        "torchrec FusedEmbeddingBagCollection (FBGEMM TBE underneath)",
+    ),
+    BuiltinBackend(
+        "fbgemm-tbe",
+        "impls.fbgemm_tbe:FbgemmTBE",
+        "FBGEMM SplitTableBatchedEmbeddingBagsCodegen, one module for all tables, CPU host",
+    ),
 )
 
 
