@@ -91,7 +91,43 @@ BUILTIN_BACKENDS: tuple[BuiltinBackend, ...] = (
     BuiltinBackend(
         "fbgemm-tbe",
         "impls.fbgemm_tbe:FbgemmTBE",
-        "FBGEMM SplitTableBatchedEmbeddingBagsCodegen, one module for all tables, CPU host",
+        "FBGEMM SplitTableBatchedEmbeddingBagsCodegen, one module for all tables, CPU host, "
+        "bounds check FATAL",
+    ),
+    BuiltinBackend(
+        "fbgemm-tbe-int32",
+        "impls.fbgemm_tbe:fbgemm_tbe_int32",
+        "fbgemm-tbe fed int32 ids and offsets (converted in the lookup), bounds check FATAL",
+    ),
+    BuiltinBackend(
+        "fbgemm-tbe-none",
+        "impls.fbgemm_tbe:fbgemm_tbe_nocheck",
+        "fbgemm-tbe with BoundsCheckMode.NONE (FBGEMM 1.8's CPU kernel still raises on a bad id)",
+    ),
+    BuiltinBackend(
+        "torchrec-sharded-tw",
+        "impls.torchrec_sharded:sharded_tw",
+        "torchrec sharded EBC, table-wise plan, 2 local gloo ranks (persistent pool)",
+    ),
+    BuiltinBackend(
+        "torchrec-sharded-rw",
+        "impls.torchrec_sharded:sharded_rw",
+        "torchrec sharded EBC, row-wise plan, 2 local gloo ranks (persistent pool)",
+    ),
+    BuiltinBackend(
+        "torchrec-sharded-cw",
+        "impls.torchrec_sharded:sharded_cw",
+        "torchrec sharded EBC, column-wise plan, 2 local gloo ranks (persistent pool)",
+    ),
+    BuiltinBackend(
+        "torchrec-sharded-twcw",
+        "impls.torchrec_sharded:sharded_twcw",
+        "torchrec sharded EBC, table-column-wise plan, 2 local gloo ranks (persistent pool)",
+    ),
+    BuiltinBackend(
+        "torchrec-sharded-dp",
+        "impls.torchrec_sharded:sharded_dp",
+        "torchrec sharded EBC, data-parallel plan, 2 local gloo ranks (persistent pool)",
     ),
 )
 

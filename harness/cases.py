@@ -14,6 +14,12 @@ Format ``jagbench-case/1``::
      "problem": {"tables": [...], "weights": {...}, "batch": {...}, "id_policy": "reject"},
      "found": {...free-form: by, date, detail...}}
 
+Scope keys (all must hold): ``table_dtypes`` / ``pooling`` (some table has one of these),
+``weighted`` (the batch has per-sample weights or not), ``id_dtypes`` and ``batch_size`` (the
+batch's are among these), ``noncontiguous_groups`` (grouping the tables by these attributes, e.g.
+``["pooling", "dtype"]``, would reorder them), ``subnormal_weights`` (some table of one of these
+dtypes holds a subnormal value).
+
 Weights are stored either as exact values (``{"values": [[...]]}``; JSON floats round-trip every
 float32/float16/bfloat16 value exactly) or as a seed (``{"seed": 0, "scale": 1.0}``) for large tables.
 """
@@ -38,7 +44,15 @@ FORMAT = "jagbench-case/1"
 CASES_DIR = Path(__file__).resolve().parent.parent / "cases"
 KINDS = ("regression", "known-discrepancy")
 EXPECTATIONS = ("agree", "disagree", "raised")
-SCOPE_KEYS = ("table_dtypes", "weighted", "pooling", "id_dtypes")
+SCOPE_KEYS = (
+    "table_dtypes",
+    "weighted",
+    "pooling",
+    "id_dtypes",
+    "batch_size",
+    "noncontiguous_groups",
+    "subnormal_weights",
+)
 
 
 class CaseError(ValueError):
@@ -167,6 +181,26 @@ class Case:
         return scope_matches(self.scope, problem)
 
 
+def _groups_interleaved(tables: Sequence[TableConfig], attributes: Sequence[str]) -> bool:
+    """Grouping the tables by these attributes (e.g. ``["pooling", "dtype"]``) breaks their order:
+    some group's tables are not adjacent, so concatenating the groups would reorder the tables."""
+    seen: set[tuple[str, ...]] = set()
+    previous = None
+    for t in tables:
+        group = tuple(str(getattr(t, a)) for a in attributes)
+        if group != previous and group in seen:
+            return True
+        seen.add(group)
+        previous = group
+    return False
+
+
+def _has_subnormal(w: torch.Tensor) -> bool:
+    """Some value of ``w`` is subnormal in its own dtype (nonzero, smaller than the smallest normal)."""
+    mag = w.detach().abs().to(torch.float32)
+    return bool(((mag > 0) & (mag < torch.finfo(w.dtype).tiny)).any())
+
+
 def scope_matches(scope: Mapping[str, Any], problem: Problem) -> bool:
     """All conditions of ``scope`` hold for ``problem`` (an empty scope matches nothing)."""
     if not scope:
@@ -181,6 +215,12 @@ def scope_matches(scope: Mapping[str, Any], problem: Problem) -> bool:
             ok = any(t.pooling.value in want for t in tables)
         elif key == "id_dtypes":
             ok = dtype_name(problem.batch.values.dtype) in want
+        elif key == "batch_size":
+            ok = problem.batch.batch_size in want
+        elif key == "noncontiguous_groups":
+            ok = _groups_interleaved(tables, want)
+        elif key == "subnormal_weights":
+            ok = any(dtype_name(t.dtype) in want and _has_subnormal(problem.weights[t.name]) for t in tables)
         else:
             raise CaseError(f"unknown scope key {key!r}; known: {SCOPE_KEYS}")
         if not ok:

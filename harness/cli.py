@@ -20,7 +20,11 @@ class UsageError(Exception):
 
 
 def _progress(message: str) -> None:
-    print(f"\r{message}", end="", file=sys.stderr, flush=True)
+    """One updating line on a terminal; plain lines in a log."""
+    if sys.stderr.isatty():
+        print(f"\r{message}", end="", file=sys.stderr, flush=True)
+    else:
+        print(message, file=sys.stderr, flush=True)
 
 
 def _load_backends(specs: Sequence[str] | None, *, with_reference: bool = False) -> list:
@@ -80,6 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--problems", type=int, default=20, help="how many problems (default 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first problem (default 0)")
     p.set_defaults(func=cmd_check)
+
+    from harness.bench_cli import add_commands as add_bench_commands
+
+    add_bench_commands(sub)
+
+    from harness.fuzz_cli import add_commands as add_fuzz_commands
+
+    add_fuzz_commands(sub)
+
+    from harness.robustness_cli import add_commands as add_robustness_commands
+
+    add_robustness_commands(sub)
     return parser
 
 

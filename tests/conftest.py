@@ -2,20 +2,11 @@
 
 import os
 
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 
-settings.register_profile(
-    "ci",
-    max_examples=60,
-    derandomize=True,
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-settings.register_profile(
-    "dev",
-    max_examples=20,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+from harness.fuzz import register_profiles
+
+# The profiles live in harness.fuzz ("ci": bounded and derandomized, "dev", "campaign"), so that the
+# test suite and `jagbench fuzz` share them.
+register_profiles()
 settings.load_profile(os.environ.get("JAGBENCH_HYPOTHESIS_PROFILE", "ci"))

@@ -1,0 +1,157 @@
+"""The ``fuzz`` and ``replay`` commands; `harness.cli` registers them with `add_commands`.
+
+Exit codes (DESIGN.md): ``fuzz`` 0 when every backend agreed (known discrepancies included),
+1 when a failure was found (printed and saved), 2 on a usage or setup error. ``replay`` 0 when
+every case behaves as its ``expect`` says, 1 when one does not (a regression that disagrees again,
+or a known discrepancy that has gone away: either way the case file needs attention), 2 when a
+case cannot be read or its backend cannot be loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _positive(kind: type) -> object:
+    def parse(text: str) -> object:
+        try:
+            value = kind(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from e
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        return value
+
+    return parse
+
+
+def _backends_with_labels(specs: list[str] | None) -> tuple[list, list[str]]:
+    """Backends and the names saved cases use for them: the spec as given, or the built-in name."""
+    from harness.cli import _load_backends
+
+    backends = _load_backends(specs)
+    labels = list(specs) if specs else [b.name for b in backends]
+    return backends, labels
+
+
+def cmd_fuzz(args: argparse.Namespace) -> int:
+    from harness.cases import CaseError, load_cases
+    from harness.cli import EXIT_FOUND, EXIT_OK, UsageError, _progress
+    from harness.fuzz import format_report, fuzz
+
+    backends, labels = _backends_with_labels(args.backend)
+    if not backends:
+        raise UsageError("no backend to fuzz (every available backend except the reference is the default)")
+    try:
+        known = load_cases()
+    except CaseError as e:
+        raise UsageError(f"cannot read the known cases: {e}") from e
+    max_examples = args.max_examples
+    if max_examples is None and args.time_budget is None:
+        max_examples = 500
+    report = fuzz(
+        backends,
+        labels=labels,
+        max_examples=max_examples,
+        time_budget=args.time_budget,
+        seed=args.seed,
+        save_dir=Path(args.save_dir) if args.save_dir else None,
+        known=known,
+        shrink_budget=args.shrink_budget,
+        threads=None if args.threads == 0 else args.threads,
+        progress=_progress,
+    )
+    print(file=sys.stderr)
+    print(format_report(report))
+    return EXIT_FOUND if report.failed else EXIT_OK
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from harness.backend import BackendSpecError, BackendUnavailable
+    from harness.cases import CaseError, load_case
+    from harness.cli import EXIT_FOUND, EXIT_OK, UsageError, _load_backends
+    from harness.replay import format_replay, replay
+
+    try:
+        cases = [load_case(p) for p in args.cases]
+    except CaseError as e:
+        raise UsageError(str(e)) from e
+    backends = _load_backends(args.backend) if args.backend else None
+    try:
+        results = replay(cases, backends)
+    except (BackendUnavailable, BackendSpecError) as e:
+        raise UsageError(str(e)) from e
+    print(format_replay(results))
+    return EXIT_OK if all(r.as_expected for r in results) else EXIT_FOUND
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    from harness.fuzz import REGRESSIONS_DIR
+
+    p = sub.add_parser(
+        "fuzz",
+        help="differential fuzzing against the reference (Hypothesis); shrinks and saves failures",
+        description="Fuzz backends against the reference. Exit 0: all agree; 1: a failure was found "
+        "(printed, saved under --save-dir); 2: usage or setup error.",
+    )
+    p.add_argument(
+        "--backend",
+        action="append",
+        metavar="NAME_OR_SPEC",
+        help="a built-in name, module:ATTR or file.py:ATTR (repeatable; default: every available "
+        "backend except the reference)",
+    )
+    stop = p.add_mutually_exclusive_group()
+    stop.add_argument(
+        "--time-budget",
+        type=_positive(float),
+        metavar="SECONDS",
+        help="total seconds of generation, split evenly between the backends",
+    )
+    stop.add_argument(
+        "--max-examples",
+        type=_positive(int),
+        metavar="N",
+        help="examples per backend (default 500 when no time budget is given)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="Hypothesis seed (default 0): same seed, same run")
+    p.add_argument(
+        "--save-dir",
+        default=str(REGRESSIONS_DIR),
+        metavar="DIR",
+        help=f"where shrunk failures are saved as case files (default {REGRESSIONS_DIR})",
+    )
+    p.add_argument(
+        "--shrink-budget",
+        type=_positive(float),
+        default=60.0,
+        metavar="SECONDS",
+        help="at most this long shrinking a failure; the smallest failing example so far is kept",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="torch intra-op threads while fuzzing (default 1: fuzz problems are small); 0 leaves "
+        "torch's setting alone",
+    )
+    p.set_defaults(func=cmd_fuzz)
+
+    p = sub.add_parser(
+        "replay",
+        help="rerun saved case files; exit 0 when each behaves as its 'expect' says",
+        description="Rerun saved cases. Each case's own backend is held to the case's 'expect'; a "
+        "backend named with --backend is held to agreement. Exit 0 when all behave as expected, "
+        "1 otherwise, 2 when a case or backend cannot be loaded.",
+    )
+    p.add_argument("cases", nargs="+", metavar="CASE", help="case files (JSON)")
+    p.add_argument(
+        "--backend",
+        action="append",
+        metavar="NAME_OR_SPEC",
+        help="run these backends on the cases instead of each case's own (repeatable)",
+    )
+    p.set_defaults(func=cmd_replay)

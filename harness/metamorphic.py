@@ -1,0 +1,126 @@
+"""Metamorphic relations: transformations of a problem whose pooled result is known without a reference.
+
+- ``permute``: permuting the ids (with their per-sample weights) inside every bag leaves each
+  pooled value unchanged;
+- ``split-batch``: pooling samples ``[0, k)`` and ``[k, B)`` separately and stacking the rows gives
+  the whole batch's result;
+- ``split-table``: moving a shared table's later features into a copy of that table, placed right
+  after it, leaves the result (and its column order) unchanged.
+
+Exact equality is not owed. A permutation changes the order of the additions; a backend may also
+block or vectorise its sums differently for another batch size or table layout. The written error
+analysis (`harness.tolerance`) bounds *each* result by ``bound`` around the exact value whatever the
+summation order, so two correct results differ by at most ``2 * bound`` per element; that is the
+tolerance used here. The bound needs only the terms' magnitudes and the bag lengths, which do not
+change under these transformations, not the reference value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from harness.model import JaggedBatch, Problem, TableConfig
+
+RELATIONS: tuple[str, ...] = ("permute", "split-batch", "split-table")
+
+
+def permute_bags(batch: JaggedBatch, seed: int) -> JaggedBatch:
+    """The same batch with the ids (and per-sample weights) of every bag in a seeded random order."""
+    n = len(batch.values)
+    if n == 0:
+        return batch
+    gen = torch.Generator().manual_seed(seed)
+    bag_of = torch.repeat_interleave(torch.arange(len(batch.lengths)), batch.lengths.to(torch.int64))
+    key = bag_of.to(torch.float64) + torch.rand(n, generator=gen, dtype=torch.float64) * 0.5
+    order = torch.argsort(key)
+    return JaggedBatch(
+        batch.keys,
+        batch.values[order].clone(),
+        batch.lengths.clone(),
+        None if batch.weights is None else batch.weights[order].clone(),
+    )
+
+
+def slice_batch(batch: JaggedBatch, start: int, stop: int) -> JaggedBatch:
+    """Samples ``[start, stop)`` of every feature, as a batch of ``stop - start`` samples."""
+    b = batch.batch_size
+    offsets = batch.offsets
+    values, lengths, weights = [], [], []
+    for f in range(len(batch.keys)):
+        lo, hi = int(offsets[f * b + start]), int(offsets[f * b + stop])
+        values.append(batch.values[lo:hi])
+        lengths.append(batch.lengths[f * b + start : f * b + stop])
+        if batch.weights is not None:
+            weights.append(batch.weights[lo:hi])
+    return JaggedBatch(
+        batch.keys,
+        torch.cat(values).clone(),
+        torch.cat(lengths).clone(),
+        None if batch.weights is None else torch.cat(weights).clone(),
+    )
+
+
+def split_table(problem: Problem) -> Problem | None:
+    """The first table with several features split in two (the copy named ``<name>_split``), or None."""
+    for i, t in enumerate(problem.tables):
+        if len(t.feature_names) > 1:
+            k = len(t.feature_names) // 2
+            first = TableConfig(
+                t.name, t.num_embeddings, t.embedding_dim, t.feature_names[:k], t.pooling, t.dtype
+            )
+            second = TableConfig(
+                f"{t.name}_split", t.num_embeddings, t.embedding_dim, t.feature_names[k:], t.pooling, t.dtype
+            )
+            tables = problem.tables[:i] + (first, second) + problem.tables[i + 1 :]
+            weights = dict(problem.weights)
+            weights[second.name] = problem.weights[t.name].clone()
+            return Problem(tables, weights, problem.batch, dict(problem.metadata))
+    return None
+
+
+def within(got: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor) -> tuple[bool, str]:
+    """Whether ``got`` is within ``2 * bound`` of ``expected`` (another result of the same backend)."""
+    if tuple(got.shape) != tuple(expected.shape):
+        return False, f"shape {tuple(got.shape)} instead of {tuple(expected.shape)}"
+    a = got.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    same = (a == e) | (torch.isnan(a) & torch.isnan(e))
+    ok = same | torch.isinf(bound) | ((a - e).abs() <= 2 * bound)
+    if bool(ok.all()):
+        return True, ""
+    idx = tuple(int(i) for i in (~ok).nonzero()[0])
+    return False, (
+        f"element {list(idx)}: {float(a[idx])!r} vs {float(e[idx])!r} before the transformation, "
+        f"allowed difference 2 * {float(bound[idx]):.3g}"
+    )
+
+
+def transformed_results(
+    relation: str,
+    problem: Problem,
+    run: Callable[[Problem], torch.Tensor],
+    seed: int,
+) -> tuple[list[Problem], torch.Tensor] | None:
+    """Apply ``relation`` to ``problem``: the transformed problem(s) and their recombined result.
+
+    ``split-batch`` gives two problems (the halves), the others one. None when the relation does
+    not apply (no shared table to split).
+    """
+    if relation == "permute":
+        p = Problem(
+            problem.tables, problem.weights, permute_bags(problem.batch, seed), dict(problem.metadata)
+        )
+        return [p], run(p)
+    if relation == "split-batch":
+        b = problem.batch.batch_size
+        k = seed % (b + 1)
+        halves = [slice_batch(problem.batch, 0, k), slice_batch(problem.batch, k, b)]
+        parts = [Problem(problem.tables, problem.weights, h, dict(problem.metadata)) for h in halves]
+        results = [run(p) for p in parts]
+        return parts, torch.cat([r.detach().to("cpu") for r in results], dim=0)
+    if relation == "split-table":
+        p = split_table(problem)
+        return None if p is None else ([p], run(p))
+    raise ValueError(f"unknown relation {relation!r}; expected one of {RELATIONS}")

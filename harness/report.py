@@ -1,0 +1,432 @@
+"""`jagbench report`: one or more runs -> ``report.md`` + PNG plots + a self-contained ``report.html``.
+
+`write_report` takes ``extra_sections``: Markdown texts (each starting with its own ``## `` heading)
+appended to both pages; the robustness matrix enters the report through it (``--robustness FILE``).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.cases import CASES_DIR, load_cases
+from harness.metrics import BYTE_MODEL
+from harness.runs import Run
+from harness.table import markdown_table
+
+
+@dataclass(frozen=True)
+class Row:
+    """One timed case, with the figures the report shows."""
+
+    backend: str
+    workload: str
+    median: float
+    iqr: float
+    rounds: int
+    ids_per_s: float
+    gbps: float
+    fraction: float | None
+    speedup: float | None
+    known: str | None
+    params: dict[str, Any]
+
+
+def _rows(runs: Sequence[Run], baseline: str | None) -> list[Row]:
+    seen: dict[tuple[str, str], int] = {}
+    for run in runs:
+        for b in run.benchmarks:
+            key = (b["extra_info"]["backend"], b["extra_info"]["workload"])
+            seen[key] = seen.get(key, 0) + 1
+    rows = []
+    for run in runs:
+        base = baseline or run.baseline
+        ref = {
+            b["extra_info"]["workload"]: b["stats"]["median"]
+            for b in run.benchmarks
+            if b["extra_info"]["backend"] == base
+        }
+        for b in run.benchmarks:
+            info, stats = b["extra_info"], b["stats"]
+            median = stats["median"]
+            clash = seen[(info["backend"], info["workload"])] > 1
+            label = f"{info['backend']} [{run.path.stem}]" if clash else info["backend"]
+            gbps = info["bytes"] / median / 1e9
+            bw = run.bandwidth_gbps
+            r = ref.get(info["workload"])
+            rows.append(
+                Row(
+                    backend=label,
+                    workload=info["workload"],
+                    median=median,
+                    iqr=stats.get("iqr", 0.0),
+                    rounds=stats.get("rounds", len(stats.get("data") or [])),
+                    ids_per_s=info["ids"] / median,
+                    gbps=gbps,
+                    fraction=gbps / bw if bw else None,
+                    speedup=r / median if r else None,
+                    known=info.get("known_discrepancy"),
+                    params=info.get("parameters", {}),
+                )
+            )
+    return rows
+
+
+def _order(items: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def summary_matrix(rows: Sequence[Row]) -> str:
+    """Workloads (rows) x backends (columns): GB/s and speedup against the baseline."""
+    backends = _order([r.backend for r in rows])
+    workloads = _order([r.workload for r in rows])
+    cell = {(r.backend, r.workload): r for r in rows}
+    lines = []
+    for w in workloads:
+        line = [w]
+        for b in backends:
+            r = cell.get((b, w))
+            line.append(
+                "-" if r is None else f"{r.gbps:.3g} (x{_fmt(r.speedup, '.2f')})" + (" K" if r.known else "")
+            )
+        lines.append(line)
+    return markdown_table(["workload \\ backend: GB/s (speedup)", *backends], lines)
+
+
+def detail_table(rows: Sequence[Row], baseline: str) -> str:
+    """One line per case with every figure, fastest first within a workload."""
+    workloads = _order([r.workload for r in rows])
+    return markdown_table(
+        [
+            "workload",
+            "backend",
+            "median ms",
+            "IQR ms",
+            "rounds",
+            "Mids/s",
+            "GB/s",
+            "of bandwidth",
+            f"speedup vs {baseline}",
+            "note",
+        ],
+        [
+            [
+                r.workload,
+                r.backend,
+                f"{r.median * 1e3:.4g}",
+                f"{r.iqr * 1e3:.3g}",
+                r.rounds,
+                f"{r.ids_per_s / 1e6:.3g}",
+                f"{r.gbps:.3g}",
+                _fmt(r.fraction and r.fraction * 100, ".2g") + "%",
+                _fmt(r.speedup, ".2f"),
+                "known discrepancy" if r.known else "",
+            ]
+            for r in sorted(rows, key=lambda r: (workloads.index(r.workload), -r.gbps))
+        ],
+    )
+
+
+def _palette(n: int) -> Any:
+    """Distinct colours for ``n`` backends: tab10, or tab20 beyond ten (no colour used twice up to 20)."""
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return lambda i: cmap(i % cmap.N)
+
+
+def _figure_png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _bars(rows: Sequence[Row], value: str, xlabel: str, title: str, ceiling: float | None = None) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backends = _order([r.backend for r in rows])
+    workloads = _order([r.workload for r in rows])
+    cell = {(r.backend, r.workload): getattr(r, value) for r in rows}
+    height = 0.8 / max(1, len(backends))
+    fig, ax = plt.subplots(figsize=(9, 0.6 + 0.32 * len(workloads) * max(2, len(backends)) / 2))
+    colors = _palette(len(backends))
+    for i, b in enumerate(backends):
+        ys = [w_i + i * height for w_i, w in enumerate(workloads) if cell.get((b, w)) is not None]
+        xs = [cell[(b, w)] for w in workloads if cell.get((b, w)) is not None]
+        ax.barh(ys, xs, height=height, label=b, color=colors(i))
+    ax.set_yticks([w_i + 0.4 - height / 2 for w_i in range(len(workloads))], workloads)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    if ceiling is not None:
+        ax.axvline(ceiling, color="black", linestyle="--", linewidth=1, label="copy bandwidth")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    png = _figure_png(fig)
+    plt.close(fig)
+    return png
+
+
+def _scaling(rows: Sequence[Row]) -> bytes | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = _order([r.params["family"] for r in rows if r.params.get("family")])
+    if not families:
+        return None
+    fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.6), squeeze=False)
+    backends = _order([r.backend for r in rows])
+    colors = _palette(len(backends))
+    for ax, family in zip(axes[0], families, strict=True):
+        members = [r for r in rows if r.params.get("family") == family]
+        param = members[0].params["sweep"]["param"]
+        for i, b in enumerate(backends):
+            pts = sorted((r.params["sweep"]["value"], r.gbps) for r in members if r.backend == b)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=b, color=colors(i))
+        if param in ("B", "L", "D"):
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(param)
+        ax.set_ylabel("GB/s (byte model)")
+        ax.set_title(family)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    png = _figure_png(fig)
+    plt.close(fig)
+    return png
+
+
+def _command(argv: Sequence[str]) -> str:
+    return " ".join(Path(a).name if i == 0 else a for i, a in enumerate(argv))
+
+
+def _completeness(run: Run) -> list[str]:
+    total, finished = run.jagbench.get("cases_total"), run.jagbench.get("cases_finished")
+    if total is None or finished is None or finished >= total:
+        return []
+    return [f"- **incomplete run**: {finished} of {total} cases finished (interrupted)"]
+
+
+def environment_section(runs: Sequence[Run]) -> str:
+    lines = []
+    for run in runs:
+        m = run.machine_info
+        env = m.get("jagbench", {})
+        c = run.commit_info
+        cpu = m.get("cpu") or {}
+        versions = ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items() if v)
+        threads = ", ".join(f"{k}={v}" for k, v in (env.get("threads") or {}).items() if v is not None)
+        bw = run.jagbench.get("bandwidth") or {}
+        lines += [
+            f"### {run.path.name}" + (" (interrupted run: partial)" if run.partial else ""),
+            *_completeness(run),
+            f"- date: {run.datetime or 'n/a'}; machine: {m.get('node')} "
+            f"({cpu.get('brand_raw', m.get('processor'))}, {cpu.get('count', '?')} CPUs, "
+            f"{m.get('system')} {m.get('release')}); Python {m.get('python_version')}",
+            f"- commit: {c.get('id', c.get('error', 'n/a'))}{' (dirty)' if c.get('dirty') else ''} "
+            f"on {c.get('branch')}",
+            f"- command: `{_command(run.jagbench.get('argv') or [])}`",
+            f"- versions: {versions}",
+            f"- threads: {threads}",
+            f"- CUDA devices: {', '.join(env.get('cuda_devices') or []) or 'none'}",
+            f"- memory bandwidth (copy of a {bw.get('buffer_bytes', 0) / 2**20:.0f} MiB float32 buffer, "
+            f"read + write): {_fmt(run.bandwidth_gbps, '.1f')} GB/s",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def known_section(directory: Path = CASES_DIR) -> str:
+    cases = [c for c in load_cases(directory) if c.kind == "known-discrepancy"]
+    if not cases:
+        return "None recorded."
+    return markdown_table(
+        ["case", "backend", "summary"],
+        [[c.name, c.backend, c.summary.replace("|", "/").replace("\n", " ")] for c in cases],
+    )
+
+
+def problems_section(runs: Sequence[Run]) -> str:
+    out = []
+    for run in runs:
+        for f in run.jagbench.get("failed", []):
+            out.append(
+                f"- FAILED the reference check (not timed): {f['backend']} x {f['workload']}: "
+                f"{f['outcome']}: {f['detail']}"
+            )
+        for u in run.jagbench.get("unsupported", []):
+            out.append(f"- not run: {u['backend']} x {u['workload']}: {u['reason']}")
+    return "\n".join(out) or "Every case ran and agreed with the reference."
+
+
+def build_markdown(
+    runs: Sequence[Run], baseline: str | None, images: dict[str, str], extra_sections: Sequence[str]
+) -> str:
+    base = baseline or runs[0].baseline
+    rows = _rows(runs, baseline)
+    plain = [r for r in rows if not r.params.get("family")]
+    swept = [r for r in rows if r.params.get("family")]
+    parts = [
+        "# jagbench benchmark report",
+        "",
+        f"Runs: {', '.join(r.path.name for r in runs)}. "
+        f"Speedups are against `{base}` (x2.00 = twice as fast). "
+        'GB/s follows the byte model below; "of bandwidth" divides it by the copy bandwidth measured in the '
+        "same run. K = a known discrepancy of that backend applies to this workload: timed, but its result "
+        "differs from the contract (see the last section).",
+        "",
+        "## Summary",
+        "",
+    ]
+    if plain:
+        parts += [summary_matrix(plain), ""]
+    if swept:
+        parts += ["Sweeps:", "", summary_matrix(swept), ""]
+    parts += [
+        f"Byte model: {BYTE_MODEL}. "
+        "Latency is the median of the timed rounds; IQR is their interquartile range.",
+        "",
+        "## Plots",
+        "",
+    ]
+    parts += [f"![{title}]({name})\n" for title, name in images.items()]
+    parts += [
+        "## Problems",
+        "",
+        problems_section(runs),
+        "",
+        "## Every case",
+        "",
+        detail_table(rows, base),
+        "",
+        "## Environment",
+        "",
+        environment_section(runs),
+        "## Known discrepancies (found by fuzzing, `cases/known/`)",
+        "",
+        known_section(),
+        "",
+    ]
+    for section in extra_sections:
+        parts += [section.strip(), ""]
+    return "\n".join(parts)
+
+
+_IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)]+)\)")
+
+
+def _inline(text: str) -> str:
+    text = html.escape(text)
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+
+
+def markdown_to_html(md: str, images: dict[str, bytes]) -> str:
+    """The subset of Markdown the report writes: headings, pipe tables, lists, images, paragraphs."""
+    out: list[str] = []
+    lines = md.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
+        elif line.startswith("|"):
+            block = []
+            while i < len(lines) and lines[i].startswith("|"):
+                block.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
+                i += 1
+            head, body = block[0], [r for r in block[1:] if not all(set(c) <= set("-: ") for c in r)]
+            out.append("<table><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr>")
+            out += ["<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in body]
+            out.append("</table>")
+            continue
+        elif line.startswith("- "):
+            out.append("<ul>")
+            while i < len(lines) and lines[i].startswith("- "):
+                out.append(f"<li>{_inline(lines[i][2:])}</li>")
+                i += 1
+            out.append("</ul>")
+            continue
+        elif _IMAGE.fullmatch(line.strip()):
+            title, name = _IMAGE.fullmatch(line.strip()).groups()
+            data = base64.b64encode(images[name]).decode() if name in images else ""
+            out.append(
+                f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{html.escape(title)}</figcaption></figure>"
+            )
+        elif line.strip():
+            out.append(f"<p>{_inline(line)}</p>")
+        i += 1
+    style = (
+        "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1300px;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
+        "th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f0f0f0}"
+        "tr:nth-child(even) td{background:#fafafa}img{max-width:100%}code{background:#f4f4f4;padding:0 3px}"
+        "figure{margin:1em 0}figcaption{color:#666;font-size:13px}"
+    )
+    return (
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>jagbench benchmark report</title>'
+        f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n"
+    )
+
+
+def write_report(
+    runs: Sequence[Run],
+    out_dir: Path,
+    extra_sections: Sequence[str] | None = None,
+    baseline: str | None = None,
+) -> list[Path]:
+    """Write ``report.md``, ``report.html`` and the plots' PNGs under ``out_dir``; returns the paths.
+
+    ``extra_sections``: Markdown texts appended to the report (e.g. the robustness matrix).
+    """
+    if not runs:
+        raise ValueError("write_report needs at least one run")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = _rows(runs, baseline)
+    plain = [r for r in rows if not r.params.get("family")] or rows
+    bandwidth = runs[0].bandwidth_gbps
+    pngs: dict[str, bytes] = {}
+    titles: dict[str, str] = {}
+    if rows:
+        pngs["throughput.png"] = _bars(
+            plain, "gbps", "GB/s (byte model)", "Throughput per backend and workload", ceiling=bandwidth
+        )
+        titles["Throughput per backend and workload (GB/s; dashed: copy bandwidth)"] = "throughput.png"
+        if bandwidth:
+            pngs["bandwidth-fraction.png"] = _bars(
+                [r for r in plain if r.fraction is not None],
+                "fraction",
+                "fraction of measured copy bandwidth",
+                "Fraction of the bandwidth ceiling",
+                ceiling=None,
+            )
+            titles["Fraction of the measured copy bandwidth"] = "bandwidth-fraction.png"
+        scaling = _scaling(rows)
+        if scaling is not None:
+            pngs["scaling.png"] = scaling
+            titles["Scaling with B, L, D and id skew (sweeps)"] = "scaling.png"
+    md = build_markdown(runs, baseline, titles, list(extra_sections or []))
+    written = []
+    for name, data in pngs.items():
+        (out_dir / name).write_bytes(data)
+        written.append(out_dir / name)
+    (out_dir / "report.md").write_text(md)
+    (out_dir / "report.html").write_text(markdown_to_html(md, pngs))
+    return [out_dir / "report.md", out_dir / "report.html", *written]

@@ -1,0 +1,135 @@
+"""The ``robustness`` command; `harness.cli` registers it with `add_commands`.
+
+Exit codes: 0 when the matrix ran (it describes the backends, it is not a verdict), 1 when one of
+our own backends (``numba``, ``triton``) was not clean on some input, 2 on a usage or setup error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+DEFAULT_JSON = Path("reports/robustness.json")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from e
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from e
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def cmd_robustness(args: argparse.Namespace) -> int:
+    from harness.backend import BackendSpecError, builtin_names
+    from harness.cli import EXIT_FOUND, EXIT_OK, UsageError, _progress
+    from harness.robustness import OWN_BACKENDS, run_matrix, unclean_own
+    from harness.robustness_inputs import CatalogueError, load_catalogue
+    from harness.robustness_report import render_markdown
+
+    try:
+        catalogue = load_catalogue()
+        catalogue.select(args.input)
+    except CatalogueError as e:
+        raise UsageError(str(e)) from e
+    specs = args.backend or builtin_names()
+    json_path = Path(args.json)
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the running cases are killed too.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        doc = run_matrix(
+            specs,
+            args.input,
+            catalogue=catalogue,
+            timeout=args.timeout,
+            jobs=args.jobs,
+            json_path=json_path,
+            progress=_progress,
+        )
+    except BackendSpecError as e:
+        raise UsageError(str(e)) from e
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    markdown = render_markdown(doc)
+    md_path = Path(args.markdown) if args.markdown else json_path.with_suffix(".md")
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(markdown)
+    print(markdown)
+    print(f"wrote {json_path} and {md_path} (for jagbench report --robustness {md_path})", file=sys.stderr)
+    missing = [b for b in doc["backends"] if not b["available"]]
+    if args.backend and missing:
+        raise UsageError("not available: " + "; ".join(f"{b['spec']}: {b['reason']}" for b in missing))
+    unclean = unclean_own(doc)
+    if unclean:
+        print(
+            f"not clean ({', '.join(OWN_BACKENDS)} must raise a clear error on every malformed input): "
+            + ", ".join(f"{r.backend} on {r.input} ({r.outcome})" for r in unclean),
+            file=sys.stderr,
+        )
+        return EXIT_FOUND
+    return EXIT_OK
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "robustness",
+        help="feed every backend malformed input directly (no validation), each in its own process",
+        description=(
+            "The robustness matrix: each backend gets each malformed input of "
+            "cases/robustness/inputs.json directly (harness.validate bypassed), in its own process "
+            "with a time limit, and is classified: raised / returned silently (which reading) / "
+            "crashed / hung / mutated its inputs. Exit 0 when the matrix ran, 1 when numba or triton "
+            "was not clean, 2 on a usage error."
+        ),
+    )
+    p.add_argument(
+        "--backend",
+        action="append",
+        metavar="NAME_OR_SPEC",
+        help="a built-in name, module:ATTR or file.py:ATTR (repeatable; default: every built-in, "
+        "unavailable ones listed with the reason)",
+    )
+    p.add_argument(
+        "--input",
+        action="append",
+        metavar="NAME",
+        help="an input of cases/robustness/inputs.json (repeatable; default: all)",
+    )
+    p.add_argument(
+        "--json",
+        default=str(DEFAULT_JSON),
+        metavar="PATH",
+        help=f"where to write the results, rewritten after every case (default {DEFAULT_JSON})",
+    )
+    p.add_argument(
+        "--markdown",
+        default=None,
+        metavar="PATH",
+        help="where to write the Markdown section for `jagbench report --robustness` "
+        "(default: the JSON path with .md)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=20.0,
+        metavar="S",
+        help="time limit of one case in seconds; past it the case is recorded as hung (default 20)",
+    )
+    p.add_argument("--jobs", type=_positive_int, default=2, metavar="N", help="cases run at once (default 2)")
+    p.set_defaults(func=cmd_robustness)

@@ -1,0 +1,100 @@
+"""Reading benchmark runs: pytest-benchmark JSON files, or the ``.partial.jsonl`` of an interrupted run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class RunError(ValueError):
+    """A file that is not a readable jagbench / pytest-benchmark run; names the file and why."""
+
+
+@dataclass
+class Run:
+    """One run: its cases (pytest-benchmark's benchmark dicts) and what it recorded about itself."""
+
+    path: Path
+    machine_info: dict[str, Any]
+    commit_info: dict[str, Any]
+    benchmarks: list[dict[str, Any]]
+    jagbench: dict[str, Any] = field(default_factory=dict)
+    datetime: str | None = None
+    partial: bool = False
+
+    @property
+    def bandwidth_gbps(self) -> float | None:
+        bw = self.jagbench.get("bandwidth") or {}
+        return bw.get("gbps") or self.machine_info.get("memory_bandwidth_gbps")
+
+    @property
+    def baseline(self) -> str:
+        return self.jagbench.get("baseline") or "torch"
+
+    def case(self, backend: str, workload: str) -> dict[str, Any] | None:
+        for b in self.benchmarks:
+            if (b["extra_info"].get("backend"), b["extra_info"].get("workload")) == (backend, workload):
+                return b
+        return None
+
+
+def _key(b: dict[str, Any], where: str) -> tuple[str, str]:
+    info = b.get("extra_info") or {}
+    if "backend" not in info or "workload" not in info:
+        raise RunError(
+            f"{where}: benchmark {b.get('name')!r} has no extra_info backend/workload (not a jagbench run?)"
+        )
+    if "stats" not in b or "median" not in b["stats"]:
+        raise RunError(f"{where}: benchmark {b.get('name')!r} has no stats")
+    return info["backend"], info["workload"]
+
+
+def load_run(path: str | Path) -> Run:
+    """A run from ``RUN.json`` or ``RUN.json.partial.jsonl`` (given either; the JSON wins if both exist)."""
+    from harness.bench import add_derived
+
+    path = Path(path)
+    partial = path if path.name.endswith(".partial.jsonl") else path.with_name(path.name + ".partial.jsonl")
+    if not path.name.endswith(".partial.jsonl") and path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise RunError(f"{path}: not JSON: {e}") from e
+        except OSError as e:
+            raise RunError(f"cannot read {path}: {e.strerror}") from e
+        if not isinstance(data, dict) or "benchmarks" not in data:
+            raise RunError(f"{path}: not a pytest-benchmark JSON (no 'benchmarks')")
+        for b in data["benchmarks"]:
+            _key(b, str(path))
+        return Run(
+            path,
+            data.get("machine_info", {}),
+            data.get("commit_info", {}),
+            data["benchmarks"],
+            data.get("jagbench", {}),
+            data.get("datetime"),
+        )
+    if not partial.exists():
+        raise RunError(f"no such run: {path} (nor an interrupted run's {partial.name})")
+    lines = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]
+    if not lines or not lines[0].get("partial"):
+        raise RunError(f"{partial}: no header line; not a jagbench partial run")
+    header = lines[0]
+    section = dict(header.get("jagbench", {}))
+    section["failed"] = [r["failed"] for r in lines[1:] if "failed" in r]
+    section["unsupported"] = [r["unsupported"] for r in lines[1:] if "unsupported" in r]
+    benchmarks = [r["benchmark"] for r in lines[1:] if "benchmark" in r]
+    section["cases_finished"] = len(lines) - 1
+    for b in benchmarks:
+        _key(b, str(partial))
+    add_derived(benchmarks, section.get("baseline") or "torch", section.get("bandwidth"))
+    return Run(
+        partial,
+        header.get("machine_info", {}),
+        header.get("commit_info", {}),
+        benchmarks,
+        section,
+        partial=True,
+    )

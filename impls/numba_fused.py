@@ -1,0 +1,213 @@
+"""The ``numba`` backend: our fused parallel kernel (`impls.numba_kernels.pool`), one call per batch.
+
+``prepare`` checks the tables and weights, records each table's address, shape and dtype (the
+kernel reads the tables in place: no copy, no stacking, no grouping by dim or dtype) and compiles
+the kernel's one specialisation, which serves int32 and int64 ids alike (or loads it from numba's
+disk cache: ``impls/__pycache__``, or numba's user cache dir / ``NUMBA_CACHE_DIR`` when that
+directory is not writable). The lookup checks the batch's structure in Python (keys,
+dtypes, sizes: O(keys)), lets the kernel check lengths and ids while it runs, and raises a
+`ValueError` naming feature, sample, position, value and limit instead of reading out of bounds.
+It runs on ``NUMBA_NUM_THREADS`` threads (numba's default: every core).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import torch
+
+from harness.backend import Lookup
+from harness.model import ID_DTYPES, JaggedBatch, Pooling, TableConfig, dtype_name, output_columns, total_dim
+from harness.validate import validate_tables, validate_weights
+from impls import numba_kernels as k
+
+# Samples per parallel work item: large enough that each feature's ids are read in long runs
+# (128 and 256 beat 64 by 10-20% on many-small), small enough for 8+ items on a 1024-sample batch.
+CHUNK = 128
+
+# Ids ahead whose row is prefetched: far enough that the row arrives before it is summed.
+PREFETCH_DISTANCE = 12
+
+# Cache lines prefetched of that row (a row may be shorter).
+PREFETCH_LINES = 1
+
+# Below this many elements read (ids x widest dim), a batch is pooled on one thread: waking the
+# other threads costs more than they save, far more when the machine is busy (scripts/probe_numba.py).
+SERIAL_WORK = 1 << 20
+
+_KIND = {torch.float32: k.KIND_F32, torch.float16: k.KIND_F16, torch.bfloat16: k.KIND_BF16}
+
+
+@dataclass(frozen=True)
+class _KeyLayout:
+    """Per batch key (in the batch's key order): its table index and first output column."""
+
+    feature_table: np.ndarray
+    feature_col: np.ndarray
+
+
+class NumbaLookup:
+    """The prepared lookup: call it with a `JaggedBatch`; returns float32 ``[batch, total_dim]``."""
+
+    def __init__(self, tables: Sequence[TableConfig], weights: Mapping[str, torch.Tensor]) -> None:
+        self.tables = tuple(tables)
+        self.width = total_dim(self.tables)
+        self.has_mean = any(t.pooling is Pooling.MEAN for t in self.tables)
+        # The kernel reads each table through its address: zero-copy, any dim and dtype, one call.
+        # self.storage keeps those tensors alive (a copy only where one was not contiguous).
+        self.storage = tuple(weights[t.name].detach().contiguous() for t in self.tables)
+        self.table_address = np.array([w.data_ptr() for w in self.storage], np.uint64).view(np.int64)
+        self.table_rows = np.array([t.num_embeddings for t in self.tables], np.int64)
+        self.table_dim = np.array([t.embedding_dim for t in self.tables], np.int64)
+        self.table_kind = np.array([_KIND[t.dtype] for t in self.tables], np.int64)
+        self.table_mean = np.array([t.pooling is Pooling.MEAN for t in self.tables], np.bool_)
+        self.max_dim = int(self.table_dim.max())
+        self.table_index = {}
+        self.column = {}
+        for i, t in enumerate(self.tables):
+            for f in t.feature_names:
+                self.table_index[f] = i
+        for _, f, col, _ in output_columns(self.tables):
+            self.column[f] = col
+        self.features = frozenset(self.table_index)
+        self._layouts: dict[tuple[str, ...], _KeyLayout] = {}
+        self._no_weights = np.empty(0, np.float32)
+
+    def compile(self) -> None:
+        """Compile the kernel, or load it from the disk cache: one specialisation serves every batch."""
+        keys = tuple(self.table_index)
+        self(JaggedBatch(keys, torch.empty(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)))
+
+    def _layout(self, keys: tuple[str, ...]) -> _KeyLayout:
+        layout = self._layouts.get(keys)
+        if layout is None:
+            if len(keys) != len(self.features) or set(keys) != self.features:
+                missing = sorted(self.features - set(keys))
+                extra = sorted(set(keys) - self.features)
+                dup = sorted({x for x in keys if keys.count(x) > 1})
+                raise ValueError(
+                    f"batch keys {list(keys)} do not match the tables' features {sorted(self.features)}: "
+                    f"missing {missing}, not a feature {extra}, repeated {dup}"
+                )
+            layout = _KeyLayout(
+                np.array([self.table_index[f] for f in keys], np.int64),
+                np.array([self.column[f] for f in keys], np.int64),
+            )
+            self._layouts[keys] = layout
+        return layout
+
+    def _check(self, batch: JaggedBatch) -> None:
+        """The O(keys) structural checks; lengths and ids are checked by the kernel."""
+        if not isinstance(batch, JaggedBatch):
+            raise ValueError(f"batch is a {type(batch).__name__}, not a JaggedBatch")
+        if not batch.keys:
+            raise ValueError(f"batch has no keys; the tables' features are {sorted(self.features)}")
+        for what, t, allowed in (
+            ("ids (values)", batch.values, ID_DTYPES),
+            ("lengths", batch.lengths, ID_DTYPES),
+        ):
+            if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.device.type != "cpu":
+                raise ValueError(f"{what} must be a 1-D CPU tensor, got {t!r:.80}")
+            if t.dtype not in allowed:
+                raise ValueError(f"{what} must be int64 or int32, got {dtype_name(t.dtype)}")
+        if len(batch.lengths) % len(batch.keys) != 0:
+            raise ValueError(
+                f"lengths has {len(batch.lengths)} entries, not a multiple of the {len(batch.keys)} keys"
+            )
+        w = batch.weights
+        if w is not None:
+            if not isinstance(w, torch.Tensor) or w.dtype != torch.float32 or w.device.type != "cpu":
+                raise ValueError(f"per-sample weights must be a float32 CPU tensor, got {w!r:.80}")
+            if w.dim() != 1 or len(w) != len(batch.values):
+                raise ValueError(
+                    f"per-sample weights have shape {tuple(w.shape)}, "
+                    f"expected ({len(batch.values)},) like values"
+                )
+            if self.has_mean:
+                mean = [t.name for t in self.tables if t.pooling is Pooling.MEAN]
+                raise ValueError(f"per-sample weights require SUM pooling, but tables {mean} pool MEAN")
+
+    def __call__(self, batch: JaggedBatch) -> torch.Tensor:
+        self._check(batch)
+        layout = self._layout(batch.keys)
+        b = len(batch.lengths) // len(batch.keys)
+        # int32 ids are widened once here: a per-id dtype branch in the kernel cost 7-15% (probe).
+        values = batch.values.contiguous().to(torch.int64)
+        lengths = batch.lengths.contiguous().to(torch.int64).numpy()
+        has_weights = batch.weights is not None
+        per_sample = batch.weights.contiguous().numpy() if has_weights else self._no_weights
+        out = torch.empty(b, self.width, dtype=torch.float32)
+        err = np.zeros(4, np.int64)
+        threads = numba.get_num_threads()
+        serial = len(values) * self.max_dim < SERIAL_WORK
+        if serial:
+            numba.set_num_threads(1)
+        try:
+            self._pool(values, lengths, has_weights, per_sample, layout, out, err)
+        finally:
+            if serial:
+                numba.set_num_threads(threads)
+        if err[0] != k.OK:
+            self._raise(batch, err, b)
+        return out
+
+    def _pool(self, values, lengths, has_weights, per_sample, layout, out, err) -> None:
+        k.pool(
+            np.uint64(values.data_ptr()),
+            len(values),
+            lengths,
+            per_sample,
+            has_weights,
+            layout.feature_table,
+            layout.feature_col,
+            self.table_address,
+            self.table_rows,
+            self.table_dim,
+            self.table_kind,
+            self.table_mean,
+            CHUNK,
+            PREFETCH_DISTANCE,
+            PREFETCH_LINES,
+            out.numpy(),
+            err,
+        )
+
+    def _raise(self, batch: JaggedBatch, err: np.ndarray, b: int) -> None:
+        code, pos, value, limit = (int(x) for x in err)
+        if code == k.BAD_LENGTH:
+            what = "negative length" if value < 0 else f"length larger than the {limit} ids of the batch:"
+            raise ValueError(
+                f"{what} {value} for feature {batch.keys[pos // b]!r}, sample {pos % b} (lengths[{pos}])"
+            )
+        if code == k.LENGTHS_MISMATCH:
+            raise ValueError(f"sum(lengths) = {value} but values has {limit} ids")
+        ends = torch.cumsum(batch.lengths.to(torch.int64), 0)
+        bag = int(torch.searchsorted(ends, pos, right=True))
+        start = int(ends[bag - 1]) if bag > 0 else 0
+        key = batch.keys[bag // b]
+        table = self.tables[self.table_index[key]]
+        what = "negative id" if value < 0 else "id out of range"
+        raise ValueError(
+            f"{what}: feature {key!r}, sample {bag % b}, position {pos - start} in its bag "
+            f"(values[{pos}]) has id {value}; table {table.name!r} has num_embeddings "
+            f"{table.num_embeddings} (valid ids 0..{table.num_embeddings - 1})"
+        )
+
+
+class NumbaFused:
+    """Every table and feature of a batch in one parallel numba kernel call, on the CPU."""
+
+    name = "numba"
+
+    def supports(self, tables: Sequence[TableConfig], batch: JaggedBatch) -> str | None:
+        return None
+
+    def prepare(self, tables: Sequence[TableConfig], weights: Mapping[str, torch.Tensor]) -> Lookup:
+        validate_tables(tables)
+        validate_weights(tables, weights)
+        lookup = NumbaLookup(tables, weights)
+        lookup.compile()
+        return lookup

@@ -1,0 +1,391 @@
+"""The rank side of the ``torchrec-sharded`` backends: shard an EBC, load weights, look up a slice.
+
+One module, two ways to run it:
+
+- As a pool worker (`serve`), spawned by `impls.torchrec_sharded` and driven over a pipe: it
+  joins a gloo process group once, then answers ``setup`` (shard the problem's tables, load their
+  weights into the shards and read them back), ``lookup`` (pool this rank's slice of the batch)
+  and ``release`` messages until told to stop or its parent goes away.
+- Under ``torchrun`` (`main`), on one or many machines (NCCL on GPUs, gloo on CPUs): every rank
+  builds the same seeded problems, looks up its slice and rank 0 checks the gathered result
+  against the reference. See docs/sharding.md.
+
+Everything torchrec is imported inside functions, so importing this module needs only torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import traceback
+import warnings
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from harness.model import JaggedBatch, TableConfig, output_columns
+
+SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_column_wise", "data_parallel")
+PG_TIMEOUT = timedelta(seconds=120)
+
+
+def sample_ranges(batch_size: int, world_size: int) -> list[tuple[int, int]]:
+    """Each rank's ``[start, stop)`` samples: contiguous, the first ``batch_size % world_size``
+    ranks one sample longer (``torch.tensor_split``'s rule), possibly empty."""
+    base, extra = divmod(batch_size, world_size)
+    out, start = [], 0
+    for r in range(world_size):
+        stop = start + base + (1 if r < extra else 0)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+def slice_batch(batch: JaggedBatch, start: int, stop: int) -> JaggedBatch:
+    """Samples ``[start, stop)`` of every feature, as a batch of ``stop - start`` samples."""
+    b = batch.batch_size
+    offsets = batch.offsets
+    values, lengths, weights = [], [], []
+    for f in range(len(batch.keys)):
+        lo, hi = int(offsets[f * b + start]), int(offsets[f * b + stop])
+        values.append(batch.values[lo:hi])
+        lengths.append(batch.lengths[f * b + start : f * b + stop])
+        if batch.weights is not None:
+            weights.append(batch.weights[lo:hi])
+    empty_ids = batch.values[:0]
+    return JaggedBatch(
+        keys=batch.keys,
+        values=torch.cat(values) if values else empty_ids,
+        lengths=torch.cat(lengths) if lengths else batch.lengths[:0],
+        weights=(torch.cat(weights) if weights else batch.weights[:0]) if batch.weights is not None else None,
+    )
+
+
+def column_split(dim: int, world_size: int) -> list[int]:
+    """Columns per rank for the column-wise plans: as even as possible, the first ranks wider."""
+    base, extra = divmod(dim, world_size)
+    return [base + (1 if r < extra else 0) for r in range(world_size)]
+
+
+def unsupported(
+    sharding_type: str, world_size: int, tables: Sequence[TableConfig], batch: JaggedBatch
+) -> str | None:
+    """Why this plan cannot run the problem here, or ``None``."""
+    if batch.batch_size < world_size:
+        return (
+            f"batch of {batch.batch_size} samples over {world_size} ranks: a rank would get no "
+            "samples, and torchrec rejects an empty KeyedJaggedTensor"
+        )
+    if sharding_type in ("column_wise", "table_column_wise"):
+        narrow = sorted({t.embedding_dim for t in tables if t.embedding_dim < world_size})
+        if narrow:
+            return f"embedding_dim {narrow} below the world size {world_size}: a rank would get no column"
+    if any(t.dtype == torch.bfloat16 for t in tables):
+        return (
+            "bfloat16 tables: the sharded EBC stores them as bfloat16 in FBGEMM's CPU TBE, whose "
+            "forward (split_embedding_cpu_forward) is not implemented for BFloat16"
+        )
+    return None
+
+
+def pack_batch(batch: JaggedBatch) -> dict[str, Any]:
+    """A batch as plain numpy arrays, for the pipe."""
+    return {
+        "keys": batch.keys,
+        "values": batch.values.numpy(),
+        "lengths": batch.lengths.numpy(),
+        "weights": None if batch.weights is None else batch.weights.numpy(),
+    }
+
+
+def unpack_batch(d: Mapping[str, Any]) -> JaggedBatch:
+    return JaggedBatch(
+        keys=tuple(d["keys"]),
+        values=torch.from_numpy(d["values"]),
+        lengths=torch.from_numpy(d["lengths"]),
+        weights=None if d["weights"] is None else torch.from_numpy(d["weights"]),
+    )
+
+
+def _parameter_shardings(
+    sharding_type: str, tables: Sequence[TableConfig], module: torch.nn.Module, world_size: int, device: str
+) -> dict[str, Any]:
+    """The explicit per-table plan (torchrec's planner is not asked: it refuses some plans on CPU).
+
+    table-wise puts table ``i`` on rank ``i % world_size``; row-wise splits every table's rows over
+    all ranks; column-wise splits every table's columns over all ranks (`column_split`: uneven
+    when the dim is not divisible by the world size); table-column-wise
+    splits them the same way but as TABLE_COLUMN_WISE shards; data-parallel replicates every table.
+    """
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.sharding_plan import (
+        column_wise,
+        construct_module_sharding_plan,
+        data_parallel,
+        row_wise,
+        table_wise,
+    )
+    from torchrec.distributed.types import ShardingType
+
+    def generator(i: int) -> Any:
+        if sharding_type == "table_wise":
+            return table_wise(rank=i % world_size)
+        if sharding_type == "row_wise":
+            return row_wise()
+        if sharding_type in ("column_wise", "table_column_wise"):
+            return column_wise(size_per_rank=column_split(tables[i].embedding_dim, world_size))
+        return data_parallel()
+
+    plan = construct_module_sharding_plan(
+        module,
+        {t.name: generator(i) for i, t in enumerate(tables)},
+        sharder=EmbeddingBagCollectionSharder(),
+        local_size=world_size,
+        world_size=world_size,
+        device_type=device,
+    )
+    if sharding_type == "table_column_wise":
+        for ps in plan.values():
+            ps.sharding_type = ShardingType.TABLE_COLUMN_WISE.value
+    return dict(plan)
+
+
+def build_sharded(
+    tables: Sequence[TableConfig],
+    sharding_type: str,
+    *,
+    is_weighted: bool,
+    world_size: int,
+    device: torch.device,
+    pg: Any,
+) -> torch.nn.Module:
+    """torchrec's ``ShardedEmbeddingBagCollection`` for ``tables`` under the explicit plan."""
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.types import ShardingEnv
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    from impls.torchrec_ebc import embedding_bag_configs
+
+    ebc = EmbeddingBagCollection(
+        embedding_bag_configs(tables), is_weighted=is_weighted, device=torch.device("meta")
+    )
+    params = _parameter_shardings(sharding_type, tables, ebc, world_size, device.type)
+    return EmbeddingBagCollectionSharder().shard(
+        ebc, params, ShardingEnv.from_process_group(pg), device=device
+    )
+
+
+def _weight_entries(module: torch.nn.Module) -> dict[str, Any]:
+    """``{table: ShardedTensor or tensor}`` from the module's state_dict."""
+    out = {}
+    for key, value in module.state_dict().items():
+        if key.startswith("embedding_bags.") and key.endswith(".weight"):
+            out[key.removeprefix("embedding_bags.").removesuffix(".weight")] = value
+    return out
+
+
+def _local_pieces(entry: Any) -> list[tuple[torch.Tensor, tuple[int, int], tuple[int, int]]]:
+    """``(local tensor, (row, col) offset, (rows, cols))`` of each shard this rank holds."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    if isinstance(entry, ShardedTensor):
+        return [
+            (s.tensor, tuple(s.metadata.shard_offsets), tuple(s.metadata.shard_sizes))  # type: ignore[misc]
+            for s in entry.local_shards()
+        ]
+    return [(entry, (0, 0), tuple(entry.shape))]  # type: ignore[list-item]
+
+
+@torch.no_grad()
+def load_and_verify(module: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> dict[str, list[Any]]:
+    """Copy each table's rows/columns into this rank's shards, then read them back.
+
+    Returns ``{table: [(row offset, column offset, rows, columns, storage dtype), ...]}`` for the
+    shards this rank holds. Raises ``RuntimeError`` if a shard read back from a fresh
+    ``state_dict()`` differs from the weights cast to its storage dtype.
+    """
+    for name, entry in _weight_entries(module).items():
+        full = weights[name]
+        for local, (r0, c0), (nr, nc) in _local_pieces(entry):
+            local.copy_(full[r0 : r0 + nr, c0 : c0 + nc])
+    held: dict[str, list[Any]] = {}
+    for name, entry in _weight_entries(module).items():
+        full = weights[name]
+        for local, (r0, c0), (nr, nc) in _local_pieces(entry):
+            want = full[r0 : r0 + nr, c0 : c0 + nc].to(local.dtype)
+            if not torch.equal(local.cpu(), want):
+                raise RuntimeError(
+                    f"table {name!r}: the shard at rows {r0}..{r0 + nr}, columns {c0}..{c0 + nc} "
+                    "does not hold the loaded weights when read back from state_dict()"
+                )
+            held.setdefault(name, []).append((r0, c0, nr, nc, str(local.dtype).removeprefix("torch.")))
+    return held
+
+
+@torch.no_grad()
+def local_lookup(module: torch.nn.Module, tables: Sequence[TableConfig], batch: JaggedBatch) -> torch.Tensor:
+    """This rank's pooled ``[local batch, total_dim]`` float32, columns in the contract's order.
+
+    torchrec returns a ``KeyedTensor``; its columns are taken by key (``to_dict``), so a sharded
+    module that labels its keys right but orders them differently still maps to the contract.
+    """
+    from torchrec.distributed.types import Awaitable
+
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    kjt = batch.to_kjt().to(device)
+    out = module(kjt)
+    if isinstance(out, Awaitable):
+        out = out.wait()
+    by_key = out.to_dict()
+    cols = [by_key[feature] for _, feature, _, _ in output_columns(tables)]
+    return torch.cat(cols, dim=1).to(torch.float32).cpu()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit this rank as soon as its parent is gone (covers SIGKILL of the parent too)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(3)
+            threading.Event().wait(0.5)
+
+    threading.Thread(target=watch, name="jagbench-parent-watch", daemon=True).start()
+
+
+def _quiet() -> None:
+    """torchrec and torch.distributed log advice at WARNING on every sharding; errors still show."""
+    for name in ("torchrec", "torch", "fbgemm_gpu"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def serve(rank: int, world_size: int, store_port: int, conn: Any, parent_pid: int) -> None:
+    """The pool worker's loop: one gloo process group, then messages from the parent until ``stop``.
+
+    Replies ``("ok", payload)`` or ``("error", traceback text)``; SIGINT is ignored (the parent
+    handles Ctrl-C and stops the ranks).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _watch_parent(parent_pid)
+    _quiet()
+    torch.set_num_threads(1)
+    try:
+        import torch.distributed as dist
+
+        store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=PG_TIMEOUT)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=PG_TIMEOUT)
+        pg = dist.group.WORLD
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("error", traceback.format_exc()))
+        return
+    conn.send(("ok", {"pid": os.getpid()}))
+    models: dict[int, tuple[Sequence[TableConfig], dict[bool, torch.nn.Module]]] = {}
+    device = torch.device("cpu")
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            break
+        op = msg[0]
+        if op == "stop":
+            break
+        try:
+            if op == "setup":
+                _, key, tables, sharding_type, weights_path = msg
+                weights = torch.load(weights_path, mmap=True, weights_only=True)
+                built = {
+                    w: build_sharded(
+                        tables, sharding_type, is_weighted=w, world_size=world_size, device=device, pg=pg
+                    )
+                    for w in (False, True)
+                }
+                reply: Any = load_and_verify(built[False], weights)
+                load_and_verify(built[True], weights)
+                models[key] = (tables, built)
+            elif op == "lookup":
+                _, key, packed = msg
+                tables, built = models[key]
+                batch = unpack_batch(packed)
+                reply = local_lookup(built[batch.weights is not None], tables, batch).numpy()
+            elif op == "release":
+                for key in msg[1]:
+                    models.pop(key, None)
+                reply = None
+            else:
+                raise ValueError(f"unknown message {op!r}")
+        except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
+            conn.send(("error", traceback.format_exc()))
+            continue
+        conn.send(("ok", reply))
+    try:
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - leaving anyway
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Check seeded problems sharded over a ``torchrun`` job; rank 0 prints one line per problem."""
+    import torch.distributed as dist
+
+    from harness.agreement import Oracle
+    from harness.generate import random_problem
+    from harness.tolerance import compare
+    from harness.validate import validate_problem
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--sharding", choices=SHARDING_TYPES, default="row_wise")
+    p.add_argument("--seeds", type=int, default=20, help="problems random_problem(0..N-1)")
+    args = p.parse_args(argv)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", timeout=PG_TIMEOUT)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", timeout=PG_TIMEOUT)
+    failures = 0
+    for seed in range(args.seeds):
+        problem = random_problem(seed)
+        tables, weights = problem.tables, problem.weights
+        batch = validate_problem(tables, problem.batch, weights)
+        if unsupported(args.sharding, world, tables, batch) is not None:
+            continue
+        module = build_sharded(
+            tables,
+            args.sharding,
+            is_weighted=batch.weights is not None,
+            world_size=world,
+            device=device,
+            pg=dist.group.WORLD,
+        )
+        load_and_verify(module, weights)
+        start, stop = sample_ranges(batch.batch_size, world)[rank]
+        local = local_lookup(module, tables, slice_batch(batch, start, stop))
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, local)
+        if rank == 0:
+            oracle = Oracle.of(tables, weights, batch)
+            c = compare(torch.cat(gathered), oracle.reference.value, oracle.bound)
+            failures += not c.agree
+            print(f"seed {seed}: {args.sharding} x{world}: {c.describe()}", flush=True)
+    dist.destroy_process_group()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Tuning probe for the numba backend: interleaved medians of numba and torch in one process.
+
+Not the benchmark suite (that is ``jagbench bench``): a quick side-by-side for tuning the kernel.
+The workloads are the four of the numba issue (fp32, uniform ids). Large ones allocate up to
+4 GiB: run under the shared lock, e.g.
+
+    flock /tmp/jagbench-heavy.lock .venv/bin/python scripts/probe_numba.py --reps 15
+
+Prints, per workload and backend, the median time, the ratio to numba, and GB/s of rows read
+(ids x dim x bytes per element), next to the machine's memory-copy bandwidth (read + write).
+Numba variants for tuning: ``--backends "numba;numba:chunk=32,ahead=8;torch"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+import impls.numba_fused as numba_fused
+from harness.backend import load_backend
+from harness.model import JaggedBatch, TableConfig
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    tables: int
+    rows: int
+    dim: int
+    batch: int
+    max_bag: int
+
+
+WORKLOADS = (
+    Workload("dlrm", 8, 1_000_000, 64, 2048, 40),
+    Workload("wide", 2, 2_000_000, 256, 1024, 100),
+    Workload("many-small", 64, 10_000, 16, 4096, 4),
+    Workload("cache-resident", 4, 1_000, 32, 512, 20),
+)
+
+
+def build(w: Workload, seed: int = 0) -> tuple[list[TableConfig], dict[str, torch.Tensor], JaggedBatch]:
+    gen = torch.Generator().manual_seed(seed)
+    tables = [TableConfig(f"t{i}", w.rows, w.dim, (f"f{i}",)) for i in range(w.tables)]
+    weights = {t.name: torch.rand(w.rows, w.dim, generator=gen) for t in tables}
+    lengths = torch.randint(0, w.max_bag + 1, (w.tables * w.batch,), generator=gen)
+    values = torch.randint(0, w.rows, (int(lengths.sum()),), generator=gen)
+    return tables, weights, JaggedBatch(tuple(f"f{i}" for i in range(w.tables)), values, lengths)
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
+    """GB/s of a large array copy, counting the bytes read and written."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
+def numba_settings(name: str) -> None:
+    """``numba:chunk=32,ahead=8`` tunes the numba lookup's module settings for the next call."""
+    given = dict(kv.split("=") for kv in name.partition(":")[2].split(",") if kv)
+    numba_fused.CHUNK = int(given.get("chunk", CHUNK))
+    numba_fused.PREFETCH_DISTANCE = int(given.get("ahead", AHEAD))
+    numba_fused.SERIAL_WORK = int(given.get("serial", SERIAL))
+    numba_fused.PREFETCH_LINES = int(given.get("lines", LINES))
+
+
+CHUNK, AHEAD, SERIAL = numba_fused.CHUNK, numba_fused.PREFETCH_DISTANCE, numba_fused.SERIAL_WORK
+LINES = numba_fused.PREFETCH_LINES
+
+
+def probe(w: Workload, backends: list[str], reps: int) -> None:
+    tables, weights, batch = build(w)
+    lookups = {}
+    for name in backends:
+        t0 = time.perf_counter()
+        lookups[name] = load_backend(name.partition(":")[0]).prepare(tables, weights)
+        prepare_s = time.perf_counter() - t0
+        numba_settings(name)
+        for _ in range(3):
+            lookups[name](batch)
+        print(f"  {name}: prepare {prepare_s:.3f} s")
+    times: dict[str, list[float]] = {n: [] for n in backends}
+    for _ in range(reps):
+        for name, f in lookups.items():
+            numba_settings(name)
+            t0 = time.perf_counter()
+            f(batch)
+            times[name].append(time.perf_counter() - t0)
+    bytes_read = len(batch.values) * w.dim * 4
+    base = statistics.median(times[backends[0]])
+    for name in backends:
+        m = statistics.median(times[name])
+        print(
+            f"{w.name:15s} {name:24s} median {m * 1e3:8.3f} ms  {base / m:5.2f}x vs {backends[0]}"
+            f"  speedup of {backends[0]}: {m / base:5.2f}x  {bytes_read / m / 1e9:6.1f} GB/s"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", action="append", choices=[w.name for w in WORKLOADS])
+    parser.add_argument(
+        "--backends",
+        default="numba,torch",
+        help="comma-separated; numba:chunk=32,ahead=8,serial=0,lines=4 overrides the numba settings",
+    )
+    parser.add_argument("--reps", type=int, default=15)
+    args = parser.parse_args()
+    chosen = [w for w in WORKLOADS if not args.workload or w.name in args.workload]
+    print(f"threads: torch {torch.get_num_threads()}; memory copy {copy_bandwidth():.1f} GB/s (read+write)")
+    for w in chosen:
+        probe(w, args.backends.split(";") if ";" in args.backends else args.backends.split(","), args.reps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Realistic faulty backends: a small correct vectorised pooling, and one bug per subclass.
+
+`VectorPool` gathers each feature's rows, multiplies them by the per-sample weights, adds them
+into their bags with ``index_add_`` in float32 and divides MEAN bags by their length: a correct
+backend, quite unlike the float64 reference loop. Each subclass overrides one hook with a bug seen
+in real kernels. The fuzzer must catch every one (tests/test_fuzz_catches_faults.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from harness.model import JaggedBatch, Pooling, TableConfig
+
+
+class VectorPool:
+    """Correct: gather, weight, ``index_add_`` into bags in float32, divide MEAN by the length."""
+
+    name = "vector-pool"
+    acc_dtype = torch.float32
+
+    def supports(self, tables: Sequence[TableConfig], batch: JaggedBatch) -> str | None:
+        return None
+
+    def prepare(self, tables: Sequence[TableConfig], weights: Mapping[str, torch.Tensor]):
+        tables = tuple(tables)
+        weights = dict(weights)
+        return lambda batch: self.pool(tables, weights, batch)
+
+    # -- hooks a faulty subclass overrides -----------------------------------------------------
+
+    def widen(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.to(self.acc_dtype)
+
+    def ids(self, batch: JaggedBatch, lo: int, hi: int) -> torch.Tensor:
+        return batch.values[lo:hi].to(torch.int64)
+
+    def segments(self, lengths: torch.Tensor) -> torch.Tensor:
+        return torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+
+    def sample_weights(self, batch: JaggedBatch, lo: int, hi: int) -> torch.Tensor | None:
+        return None if batch.weights is None else batch.weights[lo:hi]
+
+    def mean_divisor(self, lengths: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return lengths.clamp(min=1)
+
+    def table_of(self, tables: tuple[TableConfig, ...], t: int, feature: int) -> int:
+        return t
+
+    def columns(self, tables: tuple[TableConfig, ...], batch: JaggedBatch) -> list[tuple[int, str]]:
+        return [(i, f) for i, t in enumerate(tables) for f in t.feature_names]
+
+    def finish(self, out: torch.Tensor, tables: tuple[TableConfig, ...]) -> torch.Tensor:
+        return out
+
+    def fix_bag(self, acc: torch.Tensor, dim: int, is_last_feature: bool) -> torch.Tensor:
+        return acc
+
+    # -- the pooling ---------------------------------------------------------------------------
+
+    def pool(self, tables: tuple[TableConfig, ...], weights: dict, batch: JaggedBatch) -> torch.Tensor:
+        b = batch.batch_size
+        offsets = batch.offsets
+        out = []
+        for n, (t, feature) in enumerate(self.columns(tables, batch)):
+            table = tables[self.table_of(tables, t, n)]
+            f = batch.keys.index(feature)
+            lo, hi = int(offsets[f * b]), int(offsets[(f + 1) * b])
+            lengths = batch.lengths[f * b : (f + 1) * b].to(torch.int64)
+            ids = self.ids(batch, lo, hi)
+            rows = self.widen(weights[table.name][ids])
+            per_sample = self.sample_weights(batch, lo, hi)
+            if per_sample is not None:
+                rows = rows * per_sample.to(self.acc_dtype)[:, None]
+            acc = torch.zeros(b, table.embedding_dim, dtype=self.acc_dtype)
+            acc.index_add_(0, self.segments(lengths), rows)
+            if table.pooling is Pooling.MEAN:
+                acc = acc / self.mean_divisor(lengths, ids).to(self.acc_dtype)[:, None]
+            acc = self.fix_bag(acc, table.embedding_dim, f == len(batch.keys) - 1)
+            out.append(acc.to(torch.float32))
+        return self.finish(torch.cat(out, dim=1), tables)
+
+
+class OffsetsOffByOne(VectorPool):
+    """Bag ``i`` read as ``values[o[i] + 1 : o[i + 1] + 1]``: each id lands in the previous bag."""
+
+    name = "fault-offsets-off-by-one"
+
+    def segments(self, lengths: torch.Tensor) -> torch.Tensor:
+        seg = super().segments(lengths)
+        return torch.cat([seg[1:], seg[-1:]]) if len(seg) else seg
+
+
+class DroppedDimTail(VectorPool):
+    """Dims above 8 processed in vectors of 8 with no tail loop: the last ``dim % 8`` columns stay 0."""
+
+    name = "fault-dropped-dim-tail"
+
+    def fix_bag(self, acc: torch.Tensor, dim: int, is_last_feature: bool) -> torch.Tensor:
+        if dim > 8 and dim % 8:
+            acc = acc.clone()
+            acc[:, dim - dim % 8 :] = 0
+        return acc
+
+
+class MeanByDistinctIds(VectorPool):
+    """MEAN divided by the number of *distinct* ids in the bag (a deduplicating kernel's count)."""
+
+    name = "fault-mean-distinct-count"
+
+    def mean_divisor(self, lengths: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        counts, start = [], 0
+        for n in lengths.tolist():
+            counts.append(max(len(set(ids[start : start + n].tolist())), 1))
+            start += n
+        return torch.tensor(counts, dtype=torch.int64)
+
+
+class MeanEmptyBagNaN(VectorPool):
+    """MEAN divided by the raw length: an empty bag gives 0 / 0 = NaN instead of zeros."""
+
+    name = "fault-mean-empty-nan"
+
+    def mean_divisor(self, lengths: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return lengths
+
+
+class WeightsWithoutFeatureOffset(VectorPool):
+    """Per-sample weights indexed from the start of the batch, not of the feature's ids."""
+
+    name = "fault-weights-wrong-position"
+
+    def sample_weights(self, batch: JaggedBatch, lo: int, hi: int) -> torch.Tensor | None:
+        return None if batch.weights is None else batch.weights[: hi - lo]
+
+
+class TableByFeatureIndex(VectorPool):
+    """Tables indexed by the feature's position instead of its table: shared tables go wrong."""
+
+    name = "fault-shared-table-wrong-table"
+
+    def table_of(self, tables: tuple[TableConfig, ...], t: int, feature: int) -> int:
+        return min(feature, len(tables) - 1)
+
+
+class Float16Accumulation(VectorPool):
+    """Accumulates in float16."""
+
+    name = "fault-float16-accumulation"
+    acc_dtype = torch.float16
+
+
+class SortsIdsInPlace(VectorPool):
+    """Sorts each bag's ids (and weights) in place for cache locality: the caller's batch changes."""
+
+    name = "fault-mutates-input"
+
+    def pool(self, tables: tuple[TableConfig, ...], weights: dict, batch: JaggedBatch) -> torch.Tensor:
+        if len(batch.values):
+            bag = torch.repeat_interleave(torch.arange(len(batch.lengths)), batch.lengths.to(torch.int64))
+            order = torch.argsort(bag * (int(batch.values.max()) + 1) + batch.values.to(torch.int64))
+            batch.values.copy_(batch.values[order].clone())
+            if batch.weights is not None:
+                batch.weights.copy_(batch.weights[order].clone())
+        return super().pool(tables, weights, batch)
+
+
+class ColumnsInBatchKeyOrder(VectorPool):
+    """Output columns in the batch's key order instead of the tables' order."""
+
+    name = "fault-columns-in-key-order"
+
+    def columns(self, tables: tuple[TableConfig, ...], batch: JaggedBatch) -> list[tuple[int, str]]:
+        table_of = {f: i for i, t in enumerate(tables) for f in t.feature_names}
+        return [(table_of[k], k) for k in batch.keys]
+
+
+class IgnoresSampleWeights(VectorPool):
+    """Per-sample weights ignored."""
+
+    name = "fault-ignores-sample-weights"
+
+    def sample_weights(self, batch: JaggedBatch, lo: int, hi: int) -> torch.Tensor | None:
+        return None
+
+
+class Ids16Bit(VectorPool):
+    """Ids packed into 16 bits (an overflowing narrow index type): ids >= 32768 wrap negative and
+    index from the table's end. The int32 overflow of large tables, at a size a fuzzer can reach."""
+
+    name = "fault-ids-16-bit"
+
+    def ids(self, batch: JaggedBatch, lo: int, hi: int) -> torch.Tensor:
+        return batch.values[lo:hi].to(torch.int16).to(torch.int64)
+
+
+class LastBagDropped(VectorPool):
+    """The loop over bags stops one short: the last bag of the batch pools to zeros."""
+
+    name = "fault-last-bag-dropped"
+
+    def fix_bag(self, acc: torch.Tensor, dim: int, is_last_feature: bool) -> torch.Tensor:
+        if is_last_feature and len(acc):
+            acc = acc.clone()
+            acc[-1] = 0
+        return acc
+
+
+class Bfloat16SignLost(VectorPool):
+    """bfloat16 widened by hand, ``(bits & 0x7fff) << 16``: the mask drops the sign bit."""
+
+    name = "fault-bfloat16-widened-wrongly"
+
+    def widen(self, rows: torch.Tensor) -> torch.Tensor:
+        if rows.dtype != torch.bfloat16:
+            return super().widen(rows)
+        bits = rows.view(torch.int16).to(torch.int32) & 0x7FFF
+        return (bits << 16).view(torch.float32)
+
+
+class ResultInTableDtype(VectorPool):
+    """Returns the result in the first table's dtype instead of float32."""
+
+    name = "fault-wrong-result-dtype"
+
+    def finish(self, out: torch.Tensor, tables: tuple[TableConfig, ...]) -> torch.Tensor:
+        return out.to(tables[0].dtype)
+
+
+FAULTY_BACKENDS: tuple[type[VectorPool], ...] = (
+    OffsetsOffByOne,
+    DroppedDimTail,
+    MeanByDistinctIds,
+    MeanEmptyBagNaN,
+    WeightsWithoutFeatureOffset,
+    TableByFeatureIndex,
+    Float16Accumulation,
+    SortsIdsInPlace,
+    ColumnsInBatchKeyOrder,
+    IgnoresSampleWeights,
+    Ids16Bit,
+    LastBagDropped,
+    Bfloat16SignLost,
+    ResultInTableDtype,
+)

@@ -1,0 +1,89 @@
+"""Planted backends for tests/test_robustness.py: each behaves like the reference on valid ids and
+misbehaves in one known way when an id is outside its table (loaded by file spec in a child)."""
+
+import os
+import signal
+import time
+
+import torch
+
+from harness.model import JaggedBatch
+from impls.reference import ReferenceBackend
+
+
+def _rows_of_each_id(tables, batch: JaggedBatch) -> torch.Tensor:
+    rows = {f: t.num_embeddings for t in tables for f in t.feature_names}
+    per_bag = [rows[k] for k in batch.keys for _ in range(batch.batch_size)]
+    return torch.repeat_interleave(torch.tensor(per_bag, dtype=torch.int64), batch.lengths.to(torch.int64))
+
+
+class _Planted(ReferenceBackend):
+    def misbehave(self, lookup, batch: JaggedBatch, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prepare(self, tables, weights):
+        lookup = super().prepare(tables, weights)
+
+        def planted(batch: JaggedBatch) -> torch.Tensor:
+            rows = _rows_of_each_id(tables, batch)
+            if bool(((batch.values < 0) | (batch.values >= rows)).any()):
+                return self.misbehave(lookup, batch, rows)
+            return lookup(batch)
+
+        return planted
+
+
+class Crashes(_Planted):
+    name = "planted-crash"
+
+    def misbehave(self, lookup, batch, rows):
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
+class Hangs(_Planted):
+    name = "planted-hang"
+
+    def misbehave(self, lookup, batch, rows):
+        time.sleep(600)
+
+
+class Raises(_Planted):
+    name = "planted-raise"
+
+    def misbehave(self, lookup, batch, rows):
+        raise ValueError("planted: an id is outside its table")
+
+
+class Clamps(_Planted):
+    name = "planted-clamp"
+
+    def misbehave(self, lookup, batch, rows):
+        values = torch.minimum(batch.values.clamp(min=0), rows - 1)
+        return lookup(JaggedBatch(batch.keys, values, batch.lengths, batch.weights))
+
+
+class ClampsInPlace(_Planted):
+    """Clamps the caller's ids in place: returns the clamped reading, and mutates its input."""
+
+    name = "planted-mutate"
+
+    def misbehave(self, lookup, batch, rows):
+        torch.minimum(batch.values.clamp_(min=0), rows - 1, out=batch.values)
+        return lookup(batch)
+
+
+class ClampsNamedNumba(Clamps):
+    """A silently clamping backend that calls itself numba: the command must exit 1."""
+
+    name = "numba"
+
+
+class ZeroesNaNInPrepare(ReferenceBackend):
+    """Replaces NaN in the caller's table weights with 0, in place, in ``prepare``."""
+
+    name = "planted-nan-to-zero"
+
+    def prepare(self, tables, weights):
+        for w in weights.values():
+            w.nan_to_num_(0.0)
+        return super().prepare(tables, weights)

@@ -1,0 +1,326 @@
+"""The ``numba`` backend: agreement with the reference, bad-input errors, threads and the disk cache.
+
+The kernel is compiled once per session (or loaded from numba's disk cache, ``impls/__pycache__``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.agreement import Outcome, check_agreement
+from harness.generate import random_problem
+from harness.model import JaggedBatch, Pooling, TableConfig
+from harness.weights import make_weights
+
+pytest.importorskip("numba")
+
+from impls import numba_fused  # noqa: E402
+from impls.numba_fused import SERIAL_WORK, NumbaFused  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def backend() -> NumbaFused:
+    return NumbaFused()
+
+
+def assert_agrees(backend, tables, weights, batch) -> None:
+    (verdict,) = check_agreement([backend], tables, weights, batch)
+    assert verdict.outcome is Outcome.AGREE, verdict.detail
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_random_problems_agree(backend, seed):
+    p = random_problem(seed)
+    assert_agrees(backend, p.tables, p.weights, p.batch)
+
+
+def table(name, rows, dim, features, pooling=Pooling.SUM, dtype=torch.float32) -> TableConfig:
+    return TableConfig(name, rows, dim, tuple(features), pooling, dtype)
+
+
+def bags_batch(tables, batch_size, seed, *, max_bag=6, id_dtype=torch.int64, weighted=False):
+    gen = torch.Generator().manual_seed(seed)
+    bags, weights = {}, {}
+    for t in tables:
+        for f in t.feature_names:
+            bags[f] = [
+                torch.randint(
+                    0,
+                    t.num_embeddings,
+                    (int(torch.randint(0, max_bag + 1, (1,), generator=gen)),),
+                    generator=gen,
+                ).tolist()
+                for _ in range(batch_size)
+            ]
+            weights[f] = [[float(x) for x in torch.randn(len(b), generator=gen)] for b in bags[f]]
+    return JaggedBatch.from_bags(bags, weights if weighted else None, id_dtype=id_dtype)
+
+
+EDGE_CASES = {
+    "fp16": [table("a", 50, 8, ["x"], dtype=torch.float16)],
+    "bf16 mean": [table("a", 50, 7, ["x"], Pooling.MEAN, torch.bfloat16)],
+    "mixed dtypes and dims": [
+        table("a", 30, 1, ["x"]),
+        table("b", 40, 33, ["y", "z"], Pooling.MEAN, torch.float16),
+        table("c", 20, 5, ["w"], dtype=torch.bfloat16),
+    ],
+    "dim 1": [table("a", 3, 1, ["x"])],
+    "odd dim, shared table": [table("a", 11, 17, ["x", "y", "z"])],
+    "one row": [table("a", 1, 4, ["x"], Pooling.MEAN)],
+    "wide rows": [table("a", 9, 300, ["x"])],
+}
+
+
+@pytest.mark.parametrize("name", sorted(EDGE_CASES))
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32], ids=["int64", "int32"])
+@pytest.mark.parametrize("batch_size", [0, 1, 70])
+def test_edge_cases_agree(backend, name, id_dtype, batch_size):
+    tables = EDGE_CASES[name]
+    batch = bags_batch(tables, batch_size, seed=batch_size, id_dtype=id_dtype)
+    assert_agrees(backend, tables, make_weights(tables, seed=3), batch)
+
+
+@pytest.mark.parametrize("name", sorted(EDGE_CASES))
+def test_chunk_boundaries_agree(backend, name, monkeypatch):
+    """Small chunks, so that a small batch spans many parallel work items and a ragged last one."""
+    monkeypatch.setattr(numba_fused, "CHUNK", 7)
+    monkeypatch.setattr(numba_fused, "SERIAL_WORK", 0)
+    tables = EDGE_CASES[name]
+    batch = bags_batch(tables, 30, seed=9, weighted=True)
+    if any(t.pooling is Pooling.MEAN for t in tables):
+        batch = JaggedBatch(batch.keys, batch.values, batch.lengths)
+    assert_agrees(backend, tables, make_weights(tables, seed=4), batch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_per_sample_weights_agree(backend, dtype):
+    tables = [table("a", 25, 9, ["x", "y"], dtype=dtype), table("b", 7, 16, ["z"])]
+    assert_agrees(backend, tables, make_weights(tables, 1), bags_batch(tables, 40, 1, weighted=True))
+
+
+def test_empty_bags_pool_to_zero_and_mean_divides_by_length(backend):
+    tables = [table("a", 4, 2, ["x"], Pooling.MEAN)]
+    weights = {"a": torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]])}
+    batch = JaggedBatch.from_bags({"x": [[], [0, 3], [], [2]]})
+    out = backend.prepare(tables, weights)(batch)
+    assert torch.equal(out, torch.tensor([[0.0, 0.0], [4.0, 5.0], [0.0, 0.0], [5.0, 6.0]]))
+
+
+def test_columns_follow_table_order_not_batch_key_order(backend):
+    tables = [table("a", 2, 1, ["x", "y"]), table("b", 2, 2, ["z"])]
+    weights = {"a": torch.tensor([[1.0], [10.0]]), "b": torch.tensor([[100.0, 200.0], [300.0, 400.0]])}
+    batch = JaggedBatch.from_bags({"z": [[1]], "y": [[1]], "x": [[0, 1]]})
+    assert backend.prepare(tables, weights)(batch).tolist() == [[11.0, 10.0, 300.0, 400.0]]
+
+
+def test_bf16_and_fp16_are_widened_exactly(backend):
+    """Extreme and subnormal values survive the bit-level widening unchanged."""
+    specials = [65504.0, -65504.0, 6.0e-8, 1.0e-5, -0.0, 1.5]
+    for dtype in (torch.float16, torch.bfloat16):
+        w = torch.tensor(specials, dtype=dtype).reshape(-1, 1)
+        tables = [table("a", len(specials), 1, ["x"], dtype=dtype)]
+        batch = JaggedBatch.from_bags({"x": [[i] for i in range(len(specials))]})
+        out = backend.prepare(tables, {"a": w})(batch)
+        assert torch.equal(out, w.to(torch.float32)), dtype
+
+
+def test_big_batch_uses_the_parallel_path_and_agrees(backend):
+    tables = [table("a", 1000, 512, ["x", "y"]), table("b", 500, 24, ["z"], Pooling.MEAN, torch.float16)]
+    batch = bags_batch(tables, 160, seed=5, max_bag=30)
+    assert len(batch.values) * 512 >= SERIAL_WORK
+    assert_agrees(backend, tables, make_weights(tables, 2), batch)
+
+
+# --- direct calls with malformed input: a clear ValueError, never an out-of-bounds read ---
+
+BAD_TABLES = [table("a", 10, 4, ["x", "y"]), table("b", 5, 3, ["z"], Pooling.MEAN)]
+
+
+@pytest.fixture(scope="module")
+def bad_lookup(backend):
+    return backend.prepare(BAD_TABLES, make_weights(BAD_TABLES, 0))
+
+
+def good_batch(**change) -> JaggedBatch:
+    fields = {
+        "keys": ("x", "y", "z"),
+        "values": torch.tensor([1, 2, 3, 9, 4, 0, 4]),
+        "lengths": torch.tensor([2, 1, 2, 0, 1, 1]),
+        "weights": None,
+    }
+    fields.update(change)
+    return JaggedBatch(**fields)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"values": torch.tensor([1, 2, 3, 9, 10, 0, 4])},
+            r"id out of range: feature 'y', sample 0, position 1 .* id 10; table 'a' has num_embeddings 10",
+        ),
+        (
+            {"values": torch.tensor([1, 2, 3, 9, 4, 0, 5])},
+            r"id out of range: feature 'z', sample 1, position 0 .*values\[6\]\) has id 5; table 'b'",
+        ),
+        (
+            {"values": torch.tensor([1, -2, 3, 9, 4, 0, 4])},
+            r"negative id: feature 'x', sample 0, position 1 .* id -2",
+        ),
+        ({"values": torch.tensor([1, 2, 3, 9, 4, 0, 2**40])}, r"id out of range: .* id 1099511627776"),
+        (
+            {"values": torch.tensor([1, 2, 3, 9, 4, 0, -1], dtype=torch.int32)},
+            r"negative id: feature 'z'.* id -1",
+        ),
+        ({"lengths": torch.tensor([2, 1, 2, 0, 1, 2])}, r"sum\(lengths\) = 8 but values has 7 ids"),
+        ({"lengths": torch.tensor([2, 1, 2, 0, 1, 0])}, r"sum\(lengths\) = 6 but values has 7 ids"),
+        (
+            {"lengths": torch.tensor([2, 1, 4, -2, 1, 1])},
+            r"negative length -2 for feature 'y', sample 1 \(lengths\[3\]\)",
+        ),
+        ({"lengths": torch.tensor([2, 1, 2, 0, 1])}, r"lengths has 5 entries, not a multiple of the 3 keys"),
+        (
+            {"lengths": torch.tensor([2**62, 2**62, 2**62, 2**62 + 1, 1, 1])},
+            r"length larger than the 7 ids of the batch: 4611686018427387904 for feature 'x', sample 0",
+        ),
+        ({"weights": torch.ones(6)}, r"per-sample weights have shape \(6,\), expected \(7,\)"),
+        ({"weights": torch.ones(7, dtype=torch.float64)}, r"per-sample weights must be a float32"),
+        ({"weights": torch.ones(7)}, r"per-sample weights require SUM pooling, but tables \['b'\] pool MEAN"),
+        ({"keys": ("x", "y", "w")}, r"missing \['z'\], not a feature \['w'\]"),
+        ({"keys": ("x", "y")}, r"lengths has 6 entries|missing \['z'\]"),
+        ({"keys": ("x", "x", "z")}, r"repeated \['x'\]"),
+        ({"keys": ()}, r"batch has no keys; the tables' features are \['x', 'y', 'z'\]"),
+        (
+            {"values": torch.tensor([1.0, 2, 3, 9, 4, 0, 4])},
+            r"ids \(values\) must be int64 or int32, got float32",
+        ),
+        ({"lengths": torch.tensor([2.0, 1, 2, 0, 1, 1])}, r"lengths must be int64 or int32, got float32"),
+        ({"values": torch.tensor([[1, 2, 3, 9, 4, 0, 4]])}, r"ids \(values\) must be a 1-D CPU tensor"),
+    ],
+)
+def test_malformed_batch_raises_a_clear_error(bad_lookup, change, message):
+    batch = good_batch(**change)
+    before = [t.clone() for t in (batch.values, batch.lengths) if isinstance(t, torch.Tensor)]
+    with pytest.raises(ValueError, match=message):
+        bad_lookup(batch)
+    after = [t for t in (batch.values, batch.lengths) if isinstance(t, torch.Tensor)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_the_good_batch_of_the_error_tests_is_accepted(bad_lookup):
+    assert bad_lookup(good_batch()).shape == (2, 4 + 4 + 3)
+
+
+def test_first_bad_id_is_reported_in_a_big_batch(backend):
+    tables = [table("a", 100, 64, ["x"])]
+    batch = bags_batch(tables, 3000, seed=1, max_bag=20)
+    values = batch.values.clone()
+    values[-5] = 100
+    values[len(values) // 2] = -7
+    lookup = backend.prepare(tables, make_weights(tables, 0))
+    with pytest.raises(ValueError, match=rf"negative id: .*values\[{len(values) // 2}\]\) has id -7"):
+        lookup(JaggedBatch(batch.keys, values, batch.lengths))
+
+
+def test_bad_tables_and_weights_raise_in_prepare(backend):
+    tables = [table("a", 10, 4, ["x"])]
+    with pytest.raises(ValueError, match=r"weights of table 'a' have shape \(10, 3\), expected \(10, 4\)"):
+        backend.prepare(tables, {"a": torch.zeros(10, 3)})
+    with pytest.raises(
+        ValueError, match=r"weights of table 'a' are float16, but the table's dtype is float32"
+    ):
+        backend.prepare(tables, {"a": torch.zeros(10, 4, dtype=torch.float16)})
+    with pytest.raises(ValueError, match=r"no weights for table 'a'"):
+        backend.prepare(tables, {})
+
+
+def test_inputs_are_not_mutated_and_non_contiguous_weights_are_read_right(backend):
+    tables = [table("a", 20, 6, ["x", "y"]), table("b", 9, 5, ["z"], dtype=torch.bfloat16)]
+    base = make_weights(tables, 4)
+    weights = {"a": base["a"].t().contiguous().t(), "b": base["b"]}  # "a" is column-major
+    batch = bags_batch(tables, 30, seed=2, weighted=True)
+    copies = {k: v.clone() for k, v in weights.items()}
+    values, lengths, per_sample = batch.values.clone(), batch.lengths.clone(), batch.weights.clone()
+    assert_agrees(backend, tables, weights, batch)
+    assert all(torch.equal(weights[k], copies[k]) for k in weights)
+    assert weights["a"].stride() == (1, 20)
+    assert torch.equal(batch.values, values) and torch.equal(batch.lengths, lengths)
+    assert torch.equal(batch.weights, per_sample)
+
+
+# --- threads and the disk cache, in a fresh process ---
+
+CHILD = textwrap.dedent("""
+    import json, hashlib
+    import numba, torch
+    from harness.model import JaggedBatch, TableConfig
+    from harness.weights import make_weights
+    from impls import numba_kernels
+    from impls.numba_fused import NumbaFused
+
+    tables = [TableConfig("a", 1000, 64, ("x", "y")), TableConfig("b", 300, 8, ("z",), dtype=torch.bfloat16)]
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(0, 40, (3 * 2000,), generator=gen)
+    values = torch.randint(0, 300, (int(lengths.sum()),), generator=gen)
+    lookup = NumbaFused().prepare(tables, make_weights(tables, 0))
+    out = lookup(JaggedBatch(("x", "y", "z"), values, lengths))
+    stats = numba_kernels.pool.stats
+    print(json.dumps({
+        "threads": numba.get_num_threads(),
+        "cache_hits": sum(stats.cache_hits.values()),
+        "cache_misses": sum(stats.cache_misses.values()),
+        "sha": hashlib.sha256(out.numpy().tobytes()).hexdigest(),
+    }))
+""")
+
+
+def start_child(threads: int | None) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_NUM_THREADS"}
+    if threads is not None:
+        env["NUMBA_NUM_THREADS"] = str(threads)
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def child_result(child: subprocess.Popen) -> dict:
+    stdout, stderr = child.communicate(timeout=120)
+    assert child.returncode == 0, stderr
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.usefixtures("backend")
+def test_fresh_process_loads_from_the_disk_cache_and_honours_numba_num_threads(backend):
+    backend.prepare(BAD_TABLES, make_weights(BAD_TABLES, 0))  # compiled and cached by now
+    children = start_child(threads=1), start_child(threads=None)  # side by side: half the wall time
+    one, default = (child_result(c) for c in children)
+    assert one["threads"] == 1
+    assert default["threads"] == os.cpu_count()
+    for child in (one, default):
+        assert child["cache_misses"] == 0 and child["cache_hits"] >= 1, child
+    assert one["sha"] == default["sha"]  # each bag is summed in the same order on any thread count
+
+
+def test_serial_path_restores_the_thread_count(backend):
+    numba = pytest.importorskip("numba")
+    before = numba.get_num_threads()
+    lookup = backend.prepare(BAD_TABLES, make_weights(BAD_TABLES, 0))
+    lookup(good_batch())
+    with pytest.raises(ValueError):
+        lookup(good_batch(values=torch.tensor([1, 2, 3, 9, 4, 0, 99])))
+    assert numba.get_num_threads() == before

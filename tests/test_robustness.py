@@ -1,0 +1,161 @@
+"""The robustness matrix: the catalogue, the readings, and the classification in child processes."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.cli import EXIT_FOUND, EXIT_OK, main
+from harness.robustness import OUTCOMES, control_inputs, load_document, run_matrix, unclean_own
+from harness.robustness_inputs import READINGS, build_base, build_input, load_catalogue, reading_results
+from harness.robustness_report import render_markdown
+from harness.validate import ProblemError, validate_problem
+
+PLANTED = Path(__file__).with_name("robustness_planted.py")
+CATALOGUE = load_catalogue()
+# Readings that coincide whatever the data: a negative id clamps to row 0; a float32 config of
+# float64 or float16 weights that hold float32-representable values reads the same values.
+SAME_BY_NATURE = ({"ids-clamped", "bad-ids-as-row-0"}, {"as-given", "table-cast-to-config-dtype"})
+
+
+def planted(attr: str) -> str:
+    return f"{PLANTED}:{attr}"
+
+
+@pytest.mark.parametrize("item", CATALOGUE.inputs, ids=lambda i: i.name)
+def test_every_input_is_rejected_by_the_harness_or_is_a_legitimate_value(item):
+    p = build_input(CATALOGUE, item)
+    if item.clean == "raise":
+        with pytest.raises(ProblemError):
+            validate_problem(p.tables, p.batch, p.weights)
+    else:
+        validate_problem(p.tables, p.batch, p.weights)
+
+
+@pytest.mark.parametrize("item", CATALOGUE.inputs, ids=lambda i: i.name)
+def test_every_reading_applies_and_the_readings_tell_apart(item):
+    results = reading_results(build_input(CATALOGUE, item), item.readings)
+    assert all(r.not_applicable is None for r in results), [(r.name, r.not_applicable) for r in results]
+    base = build_base(CATALOGUE, item.base)
+    assert all(r.value.shape == (base.batch.batch_size, results[0].value.shape[1]) for r in results)
+    for a in results:
+        for b in results:
+            if a.name < b.name and torch.equal(a.value, b.value):
+                assert {a.name, b.name} in SAME_BY_NATURE, (a.name, b.name)
+
+
+def test_readings_of_an_out_of_range_id():
+    item = CATALOGUE.input("id-too-large")  # id 13 at values[7] in a 10-row table
+    p = build_input(CATALOGUE, item)
+    assert READINGS["ids-modulo"](p).batch.values[7] == 3
+    assert READINGS["ids-clamped"](p).batch.values[7] == 9
+    assert READINGS["bad-ids-as-row-0"](p).batch.values[7] == 0
+    skipped = READINGS["bad-ids-skipped"](p).batch
+    assert len(skipped.values) == len(p.batch.values) - 1 and int(skipped.lengths.sum()) == len(
+        skipped.values
+    )
+
+
+def test_building_an_input_does_not_touch_its_base():
+    before = build_base(CATALOGUE, "plain")
+    build_input(CATALOGUE, CATALOGUE.input("table-value-nan"))
+    after = build_base(CATALOGUE, "plain")
+    assert torch.equal(before.weights["t0"], after.weights["t0"])
+
+
+def by_backend(doc):
+    return {(r["backend"], r["input"]): r for r in doc["results"]}
+
+
+def test_planted_backends_are_classified(tmp_path):
+    specs = [
+        planted(a) for a in ("Crashes", "Hangs", "Raises", "Clamps", "ClampsInPlace", "ZeroesNaNInPrepare")
+    ]
+    doc = run_matrix(specs, ["id-too-large", "table-value-nan"], timeout=3.0, json_path=tmp_path / "r.json")
+    r = by_backend(doc)
+    for name in ("crash", "hang", "raise", "clamp", "mutate", "nan-to-zero"):
+        for control in control_inputs(CATALOGUE):
+            c = r[(f"planted-{name}", control.name)]
+            assert (c["outcome"], c["readings"], c["clean"]) == ("returned", ["as-given"], True)
+
+    crash = r[("planted-crash", "id-too-large")]
+    assert (crash["outcome"], crash["signal"], crash["stage"], crash["clean"]) == (
+        "crashed",
+        "SIGSEGV",
+        "lookup",
+        False,
+    )
+    hang = r[("planted-hang", "id-too-large")]
+    assert (hang["outcome"], hang["stage"], hang["clean"]) == ("hung", "lookup", False)
+    assert 3.0 <= hang["seconds"] < 30
+    raised = r[("planted-raise", "id-too-large")]
+    assert (raised["outcome"], raised["exception"], raised["message"], raised["clean"]) == (
+        "raised",
+        "ValueError",
+        "planted: an id is outside its table",
+        True,
+    )
+    clamp = r[("planted-clamp", "id-too-large")]
+    assert (clamp["outcome"], clamp["readings"], clamp["mutated"], clamp["clean"]) == (
+        "returned",
+        ["ids-clamped"],
+        [],
+        False,
+    )
+    mutate = r[("planted-mutate", "id-too-large")]
+    assert mutate["outcome"] == "returned" and mutate["readings"] == ["ids-clamped"]
+    assert mutate["mutated"] == ["batch values (in lookup)"] and mutate["clean"] is False
+    nan_zeroed = r[("planted-nan-to-zero", "table-value-nan")]
+    assert nan_zeroed["mutated"] == ["table 't0' weights (in prepare)"] and nan_zeroed["readings"] == []
+    assert nan_zeroed["clean"] is False
+    for name in ("crash", "hang", "raise", "clamp", "mutate"):
+        nan = r[(f"planted-{name}", "table-value-nan")]
+        assert (nan["outcome"], nan["readings"], nan["clean"]) == ("returned", ["as-given"], True)
+    assert load_document(tmp_path / "r.json") == json.loads(json.dumps(doc))
+
+
+def test_torch_matrix_end_to_end_streams_its_json(tmp_path):
+    path = tmp_path / "torch.json"
+    inputs = ["id-negative", "weight-nan", "weights-too-long", "stray-key"]
+    seen = []
+
+    def progress(message):
+        if message.startswith("robustness ") and path.exists():
+            seen.append(len(load_document(path)["results"]))
+
+    doc = run_matrix(["torch"], inputs, timeout=30.0, json_path=path, progress=progress)
+    assert doc["complete"] and load_document(path)["complete"]
+    assert seen == list(range(1, len(seen) + 1)) and len(seen) == 2 + len(inputs)
+    assert [(r["backend"], r["input"]) for r in doc["results"]] == [
+        ("torch", i) for i in ["valid-plain", "valid-weighted", *inputs]
+    ]
+    for r in doc["results"]:
+        assert r["outcome"] in OUTCOMES and r["clean"] in (True, False)
+        assert not r["mutated"]
+    nan = by_backend(doc)[("torch", "weight-nan")]
+    assert (nan["outcome"], nan["readings"], nan["clean"]) == ("returned", ["as-given"], True)
+    md = render_markdown(doc)
+    assert "| input " in md and "| torch " in md and "weight-nan" in md
+
+
+def test_command_writes_json_and_markdown_and_exits_0(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    code = main(["robustness", "--backend", "torch", "--input", "weight-inf", "--json", str(path)])
+    assert code == EXIT_OK
+    assert "weight-inf" in capsys.readouterr().out
+    assert load_document(path)["complete"] and "weight-inf" in path.with_suffix(".md").read_text()
+
+
+def test_command_exits_1_when_our_own_backend_is_not_clean(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    spec = planted("ClampsNamedNumba")
+    code = main(["robustness", "--backend", spec, "--input", "id-negative", "--json", str(path)])
+    assert code == EXIT_FOUND
+    assert "numba on id-negative (returned)" in capsys.readouterr().err
+    assert [(r.backend, r.input) for r in unclean_own(load_document(path))] == [("numba", "id-negative")]
+
+
+def test_command_rejects_an_unknown_input(capsys):
+    assert main(["robustness", "--input", "no-such-input"]) == 2
+    assert "no input 'no-such-input'" in capsys.readouterr().err
