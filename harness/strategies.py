@@ -51,7 +51,7 @@ ID_DISTRIBUTIONS: tuple[str, ...] = ("uniform", "zipf")
 # Draw ids and weights one by one up to this many per feature; above it, generate them from a seed.
 _DRAWN_LIMIT = 24
 # Tables larger than this are a seeded block of this many rows, repeated: cheap to build.
-_BLOCK_ROWS = 1024
+_BLOCK_ROWS = 1021  # prime: the repetition period matches no power-of-two offset bug
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -177,7 +177,7 @@ def make_profile_weights(table: TableConfig, profile: str, seed: int) -> torch.T
     """``[num_embeddings, embedding_dim]`` weights of the table's dtype, from a value profile and seed.
 
     Deterministic on any machine. Values are built in float64 and rounded once to the dtype
-    (clamped to its finite range). Tables of more than 1024 rows repeat a seeded 1024-row block,
+    (clamped to its finite range). Tables of more than 1021 rows repeat a seeded 1021-row block (a prime period),
     which keeps a table far larger than the batch touches cheap to build.
     """
     if profile not in WEIGHT_PROFILES:
