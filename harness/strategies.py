@@ -177,8 +177,8 @@ def make_profile_weights(table: TableConfig, profile: str, seed: int) -> torch.T
     """``[num_embeddings, embedding_dim]`` weights of the table's dtype, from a value profile and seed.
 
     Deterministic on any machine. Values are built in float64 and rounded once to the dtype
-    (clamped to its finite range). Tables of more than 1021 rows repeat a seeded 1021-row block (a prime period),
-    which keeps a table far larger than the batch touches cheap to build.
+    (clamped to its finite range). Tables of more than 1021 rows repeat a seeded 1021-row block
+    (a prime period), which keeps a table far larger than the batch touches cheap to build.
     """
     if profile not in WEIGHT_PROFILES:
         raise InvalidArgument(f"profile={profile!r}; expected one of {WEIGHT_PROFILES}")

@@ -26,7 +26,9 @@ def test_every_builtin_has_a_status_with_a_reason_when_unavailable():
 
 
 def test_unknown_name_lists_the_builtins():
-    with pytest.raises(BackendSpecError, match="unknown backend .nope.; built-in backends: reference, torch, "):
+    with pytest.raises(
+        BackendSpecError, match="unknown backend .nope.; built-in backends: reference, torch, "
+    ):
         load_backend("nope")
 
 
