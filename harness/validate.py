@@ -97,59 +97,110 @@ def validate_weights(tables: Sequence[TableConfig], weights: Mapping[str, torch.
             )
 
 
-def validate_batch_layout(batch: JaggedBatch) -> None:
-    """The jagged layout alone: keys, id and length dtypes, lengths against values, weights."""
+def _described(t: object) -> str:
+    """What a wrong batch field is, for an error: its type, or its dtype, shape and device."""
+    if not isinstance(t, torch.Tensor):
+        return f"a {type(t).__name__}"
+    return f"{dtype_name(t.dtype)} of shape {tuple(t.shape)} on {t.device}"
+
+
+def check_batch_structure(
+    batch: JaggedBatch, *, device: str | None = "cpu", tables: Sequence[TableConfig] | None = None
+) -> None:
+    """The checks that read no lengths or ids: type, keys, tensors' rank, dtype and device, sizes.
+
+    ``device`` is the device type every tensor must be on, or ``None`` for any (a lookup that moves
+    the batch to its own device); ``tables``, when given, are named if the batch has no keys.
+    Repeated keys are not looked for here: that is O(keys), and a lookup finds them once per key
+    tuple when it maps keys to tables.
+    """
     if not isinstance(batch, JaggedBatch):
         raise ProblemError(f"batch is a {type(batch).__name__}, not a JaggedBatch")
     if len(batch.keys) == 0:
-        raise ProblemError("batch has no keys")
-    dup = sorted({k for k in batch.keys if batch.keys.count(k) > 1})
-    if dup:
-        raise ProblemError(f"batch key {dup[0]!r} appears more than once")
-    for name, t in (("values", batch.values), ("lengths", batch.lengths)):
-        if not isinstance(t, torch.Tensor):
-            raise ProblemError(f"batch {name} is a {type(t).__name__}, not a tensor")
-        if t.dim() != 1:
-            raise ProblemError(f"batch {name} must be 1-D, got shape {tuple(t.shape)}")
-        if t.device.type != "cpu":
-            raise ProblemError(f"batch {name} is on {t.device}; pass the batch on the CPU")
-    if batch.values.dtype not in ID_DTYPES:
-        kind = "integers" if not batch.values.dtype.is_floating_point else "floating point"
-        raise ProblemError(
-            f"ids (batch values) must be int64 or int32, got {dtype_name(batch.values.dtype)}"
-            + ("" if kind == "integers" else " (ids are not integers)")
-        )
-    if batch.lengths.dtype not in ID_DTYPES:
-        raise ProblemError(f"lengths must be int64 or int32, got {dtype_name(batch.lengths.dtype)}")
+        features = "" if tables is None else f"; the tables' features are {_features(tables)}"
+        raise ProblemError(f"batch has no keys{features}")
+    on = "" if device is None else f" {device.upper()}"
+    for what, t in (("ids (values)", batch.values), ("lengths", batch.lengths)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or not _on(t, device):
+            raise ProblemError(f"{what} must be a 1-D{on} tensor, got {_described(t)}")
+        if t.dtype not in ID_DTYPES:
+            hint = " (ids are not integers)" if t is batch.values and t.dtype.is_floating_point else ""
+            raise ProblemError(f"{what} must be int64 or int32, got {dtype_name(t.dtype)}{hint}")
     n_keys = len(batch.keys)
     if len(batch.lengths) % n_keys != 0:
         raise ProblemError(
             f"lengths has {len(batch.lengths)} entries, not a multiple of the {n_keys} keys "
             f"{list(batch.keys)}"
         )
-    b = batch.batch_size
-    negative = (batch.lengths < 0).nonzero()
-    if len(negative):
-        i = int(negative[0])
-        raise ProblemError(
-            f"negative length {int(batch.lengths[i])} for feature {batch.keys[i // b]!r}, "
-            f"sample {i % b} (lengths[{i}])"
-        )
-    total = int(batch.lengths.to(torch.int64).sum())
-    if total != len(batch.values):
-        raise ProblemError(f"sum(lengths) = {total} but values has {len(batch.values)} ids")
-    if batch.weights is not None:
-        w = batch.weights
-        if not isinstance(w, torch.Tensor):
-            raise ProblemError(f"per-sample weights are a {type(w).__name__}, not a tensor")
-        if w.dtype != torch.float32:
-            raise ProblemError(f"per-sample weights must be float32, got {dtype_name(w.dtype)}")
+    w = batch.weights
+    if w is not None:
+        if not isinstance(w, torch.Tensor) or w.dtype != torch.float32 or not _on(w, device):
+            raise ProblemError(f"per-sample weights must be a float32{on} tensor, got {_described(w)}")
         if w.dim() != 1 or len(w) != len(batch.values):
             raise ProblemError(
                 f"per-sample weights have shape {tuple(w.shape)}, expected ({len(batch.values)},) like values"
             )
-        if w.device.type != "cpu":
-            raise ProblemError(f"per-sample weights are on {w.device}; pass the batch on the CPU")
+
+
+def check_batch_lengths(batch: JaggedBatch) -> None:
+    """One pass over the lengths of a structurally valid batch: none negative, and they sum to the ids."""
+    lengths = batch.lengths.cpu()
+    if len(lengths) and int(lengths.min()) < 0:
+        i = int((lengths < 0).nonzero()[0])
+        b = batch.batch_size
+        raise ProblemError(
+            f"negative length {int(lengths[i])} for feature {batch.keys[i // b]!r}, "
+            f"sample {i % b} (lengths[{i}])"
+        )
+    total = int(lengths.to(torch.int64).sum())
+    if total != len(batch.values):
+        raise ProblemError(f"sum(lengths) = {total} but values has {len(batch.values)} ids")
+
+
+def check_weights_pooling(tables: Sequence[TableConfig], batch: JaggedBatch) -> None:
+    """Per-sample weights require SUM pooling in every table."""
+    if batch.weights is None:
+        return
+    for t in tables:
+        if t.pooling is not Pooling.SUM:
+            raise ProblemError(
+                f"per-sample weights require SUM pooling, but table {t.name!r} "
+                f"(features {list(t.feature_names)}) pools {t.pooling.value.upper()}"
+            )
+
+
+def check_lookup_batch(
+    batch: JaggedBatch, tables: Sequence[TableConfig], *, device: str | None, has_mean: bool | None = None
+) -> None:
+    """What a backend's lookup checks of a batch when called directly, without `validate_problem`.
+
+    Here, not in impls/: one home and one wording for every rule about a batch (impls/ imports harness/).
+    It reads no lengths or ids: a lookup checks those itself (in its kernel, or with
+    `check_batch_lengths`), and keys against its tables when it maps them. ``device`` as in
+    `check_batch_structure`. ``has_mean`` (whether any table pools MEAN), when the lookup has it
+    from ``prepare``, keeps the check O(1) per call: the tables are then scanned only for the error.
+    Raises `ProblemError` (a `ValueError`).
+    """
+    check_batch_structure(batch, device=device, tables=tables)
+    if batch.weights is not None and has_mean is not False:
+        check_weights_pooling(tables, batch)
+
+
+def validate_batch_layout(batch: JaggedBatch) -> None:
+    """The jagged layout alone: keys, id and length dtypes, lengths against values, weights."""
+    check_batch_structure(batch)
+    dup = sorted({k for k in batch.keys if batch.keys.count(k) > 1})
+    if dup:
+        raise ProblemError(f"batch key {dup[0]!r} appears more than once")
+    check_batch_lengths(batch)
+
+
+def _on(t: torch.Tensor, device: str | None) -> bool:
+    return device is None or t.device.type == device
+
+
+def _features(tables: Sequence[TableConfig]) -> list[str]:
+    return sorted(f for t in tables for f in t.feature_names)
 
 
 def _check_ids(table: TableConfig, key: str, ids: torch.Tensor, lengths: torch.Tensor) -> None:
@@ -198,13 +249,7 @@ def validate_problem(
     for f, t in table_of.items():
         if f not in batch.keys:
             raise ProblemError(f"feature {f!r} of table {t.name!r} is missing from the batch")
-    if batch.weights is not None:
-        for t in tables:
-            if t.pooling is not Pooling.SUM:
-                raise ProblemError(
-                    f"per-sample weights require SUM pooling, but table {t.name!r} "
-                    f"(features {list(t.feature_names)}) pools {t.pooling.value.upper()}"
-                )
+    check_weights_pooling(tables, batch)
     b = batch.batch_size
     offsets = batch.offsets
     new_values = []

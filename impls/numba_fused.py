@@ -20,19 +20,21 @@ import numpy as np
 import torch
 
 from harness.backend import Lookup
-from harness.model import ID_DTYPES, JaggedBatch, Pooling, TableConfig, dtype_name, output_columns, total_dim
-from harness.validate import validate_tables, validate_weights
+from harness.model import JaggedBatch, Pooling, TableConfig, output_columns, total_dim
+from harness.validate import check_lookup_batch, validate_tables, validate_weights
 from impls import numba_kernels as k
 
-# Samples per parallel work item: large enough that each feature's ids are read in long runs
-# (128 and 256 beat 64 by 10-20% on many-small), small enough for 8+ items on a 1024-sample batch.
-CHUNK = 128
+# Samples per parallel work item; 0: the batch split into CHUNKS_PER_THREAD items per thread, of at
+# least MIN_CHUNK samples. Long chunks pay twice: each feature's ids are read in long runs, and
+# the prefetch runs `PREFETCH_DISTANCE` ids ahead within a (feature, chunk) run, so the first ids
+# of every run are not prefetched. numba's prange splits its range statically between threads,
+# so more items than threads buys no balance.
+CHUNK = 0
+CHUNKS_PER_THREAD = 1
+MIN_CHUNK = 64
 
 # Ids ahead whose row is prefetched: far enough that the row arrives before it is summed.
 PREFETCH_DISTANCE = 12
-
-# Cache lines prefetched of that row (a row may be shorter).
-PREFETCH_LINES = 1
 
 # Below this many elements read (ids x widest dim), a batch is pooled on one thread: waking the
 # other threads costs more than they save, far more when the machine is busy (scripts/probe_numba.py).
@@ -74,7 +76,8 @@ class NumbaLookup:
             self.column[f] = col
         self.features = frozenset(self.table_index)
         self._layouts: dict[tuple[str, ...], _KeyLayout] = {}
-        self._no_weights = np.empty(0, np.float32)
+        # Without per-sample weights the kernel multiplies by this 1.0 (exact) instead.
+        self._no_weights = np.ones(1, np.float32)
 
     def compile(self) -> None:
         """Compile the kernel, or load it from the disk cache: one specialisation serves every batch."""
@@ -100,35 +103,8 @@ class NumbaLookup:
         return layout
 
     def _check(self, batch: JaggedBatch) -> None:
-        """The O(keys) structural checks; lengths and ids are checked by the kernel."""
-        if not isinstance(batch, JaggedBatch):
-            raise ValueError(f"batch is a {type(batch).__name__}, not a JaggedBatch")
-        if not batch.keys:
-            raise ValueError(f"batch has no keys; the tables' features are {sorted(self.features)}")
-        for what, t, allowed in (
-            ("ids (values)", batch.values, ID_DTYPES),
-            ("lengths", batch.lengths, ID_DTYPES),
-        ):
-            if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.device.type != "cpu":
-                raise ValueError(f"{what} must be a 1-D CPU tensor, got {t!r:.80}")
-            if t.dtype not in allowed:
-                raise ValueError(f"{what} must be int64 or int32, got {dtype_name(t.dtype)}")
-        if len(batch.lengths) % len(batch.keys) != 0:
-            raise ValueError(
-                f"lengths has {len(batch.lengths)} entries, not a multiple of the {len(batch.keys)} keys"
-            )
-        w = batch.weights
-        if w is not None:
-            if not isinstance(w, torch.Tensor) or w.dtype != torch.float32 or w.device.type != "cpu":
-                raise ValueError(f"per-sample weights must be a float32 CPU tensor, got {w!r:.80}")
-            if w.dim() != 1 or len(w) != len(batch.values):
-                raise ValueError(
-                    f"per-sample weights have shape {tuple(w.shape)}, "
-                    f"expected ({len(batch.values)},) like values"
-                )
-            if self.has_mean:
-                mean = [t.name for t in self.tables if t.pooling is Pooling.MEAN]
-                raise ValueError(f"per-sample weights require SUM pooling, but tables {mean} pool MEAN")
+        """Structure, CPU tensors (read in place); the kernel checks lengths and ids, `_layout` keys."""
+        check_lookup_batch(batch, self.tables, device="cpu", has_mean=self.has_mean)
 
     def __call__(self, batch: JaggedBatch) -> torch.Tensor:
         self._check(batch)
@@ -145,8 +121,9 @@ class NumbaLookup:
         serial = len(values) * self.max_dim < SERIAL_WORK
         if serial:
             numba.set_num_threads(1)
+        chunk = CHUNK or max(MIN_CHUNK, -(-b // (CHUNKS_PER_THREAD * numba.get_num_threads())))
         try:
-            self._pool(values, lengths, has_weights, per_sample, layout, out, err)
+            self._pool(values, lengths, has_weights, per_sample, layout, out, err, chunk)
         finally:
             if serial:
                 numba.set_num_threads(threads)
@@ -154,9 +131,9 @@ class NumbaLookup:
             self._raise(batch, err, b)
         return out
 
-    def _pool(self, values, lengths, has_weights, per_sample, layout, out, err) -> None:
+    def _pool(self, values, lengths, has_weights, per_sample, layout, out, err, chunk) -> None:
         k.pool(
-            np.uint64(values.data_ptr()),
+            np.int64(values.data_ptr()),
             len(values),
             lengths,
             per_sample,
@@ -168,9 +145,8 @@ class NumbaLookup:
             self.table_dim,
             self.table_kind,
             self.table_mean,
-            CHUNK,
+            chunk,
             PREFETCH_DISTANCE,
-            PREFETCH_LINES,
             out.numpy(),
             err,
         )

@@ -2,17 +2,18 @@
 
 Layout (built once by `impls.numba_fused`): each table stays where the caller's tensor holds it;
 the kernel gets its address, rows, dim and storage kind (float32, float16 or bfloat16, widened
-to float32 here by typed LLVM loads). So tables of mixed dims and dtypes need neither padding,
+to float32 in registers). So tables of mixed dims and dtypes need neither padding,
 nor a stacking copy, nor grouping, and one call computes the whole batch.
 
 The work: `pool` takes the KeyedJaggedTensor as it comes (feature-major ``values`` and
 ``lengths``) and splits the samples into chunks, one ``prange`` iteration each. A serial first
 pass sums each (feature, chunk) slice of ``lengths`` (checking every length) and prefix-sums those
-sums into start offsets; then the one parallel pass walks, within its chunk,
-features outside and samples inside, so ``values`` is read contiguously. Each bag is summed into
-a per-thread float32 accumulator and written to the output once. The row of the id
-``ahead_by`` positions ahead is prefetched: a random row is a cache miss, and issuing it
-early hides most of the memory latency (see /work/shared/PERF-NOTES.md).
+sums into start offsets; then the one parallel pass walks, within its chunk, features outside and
+samples inside, so ``values`` is read contiguously. Each (feature, chunk) run of bags is pooled by
+a loop generated in LLVM IR (`impls.numba_codegen.pool_block`) per column block of the table's
+dim: the bag's sum stays in vector registers and is written to the output once, and the row of
+the id ``ahead_by`` positions ahead is prefetched (a random row is a cache miss; issuing it early
+hides most of the memory latency, see /work/shared/PERF-NOTES.md).
 
 Ids are checked against their table inside the main pass: an unsigned compare catches negative
 and too-large ids in one test, the first bad position per chunk is recorded, and the caller raises
@@ -26,8 +27,9 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils
 from numba.extending import intrinsic
+
+from impls.numba_codegen import KIND_BF16, KIND_F16, KIND_F32, MAX_WIDTH, pool_block
 
 # Error codes written to ``err[0]`` (``err[1:4]`` = position, value, limit), read by the adapter.
 OK = 0
@@ -35,148 +37,33 @@ BAD_LENGTH = 1
 LENGTHS_MISMATCH = 2
 BAD_ID = 3
 
-# Storage kinds of a table (``table_kind``).
-KIND_F32 = 0
-KIND_F16 = 1
-KIND_BF16 = 2
-
-
-def _pointer(builder, address, pointee):
-    return builder.inttoptr(address, ir.PointerType(pointee))
+__all__ = ["KIND_BF16", "KIND_F16", "KIND_F32", "pool"]
 
 
 @intrinsic
-def _prefetch(typingctx, address):  # noqa: ARG001 - numba's intrinsic signature
-    """Hint the CPU to fetch the cache line at ``address`` (``llvm.prefetch``; never faults)."""
-    if address != types.uint64:
+def _address(typingctx, array):  # noqa: ARG001 - numba's intrinsic signature
+    """The address of an array's first element, as int64."""
+    if not isinstance(array, types.Array):
         return None
 
     def codegen(context, builder, sig, args):
-        i32 = ir.IntType(32)
-        fn = cgutils.get_or_insert_function(
-            builder.module,
-            ir.FunctionType(ir.VoidType(), [cgutils.voidptr_t, i32, i32, i32]),
-            "llvm.prefetch.p0",
-        )
-        builder.call(fn, [_pointer(builder, args[0], ir.IntType(8)), i32(0), i32(3), i32(1)])
-        return context.get_dummy_value()
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        return builder.ptrtoint(data, ir.IntType(64))
 
-    return types.void(address), codegen
-
-
-@intrinsic
-def _load_f32(typingctx, address, index):  # noqa: ARG001
-    """The float32 at ``address`` (a row's first byte) plus ``index`` elements."""
-    if address != types.uint64 or not isinstance(index, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        ptr = builder.gep(_pointer(builder, args[0], ir.FloatType()), [args[1]], inbounds=True)
-        return builder.load(ptr)
-
-    return types.float32(address, index), codegen
-
-
-@intrinsic
-def _load_f16(typingctx, address, index):  # noqa: ARG001
-    """The float16 at ``address`` plus ``index`` elements, widened exactly to float32 (``fpext``)."""
-    if address != types.uint64 or not isinstance(index, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        ptr = builder.gep(_pointer(builder, args[0], ir.HalfType()), [args[1]], inbounds=True)
-        return builder.fpext(builder.load(ptr), ir.FloatType())
-
-    return types.float32(address, index), codegen
-
-
-@intrinsic
-def _load_bf16(typingctx, address, index):  # noqa: ARG001
-    """The bfloat16 at ``address`` plus ``index`` elements, widened exactly: its bits are a
-    float32's upper 16 bits."""
-    if address != types.uint64 or not isinstance(index, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        i32 = ir.IntType(32)
-        ptr = builder.gep(_pointer(builder, args[0], ir.IntType(16)), [args[1]], inbounds=True)
-        wide = builder.shl(builder.zext(builder.load(ptr), i32), i32(16))
-        return builder.bitcast(wide, ir.FloatType())
-
-    return types.float32(address, index), codegen
+    return types.int64(array), codegen
 
 
 @intrinsic
 def _load_i64(typingctx, address, index):  # noqa: ARG001
     """The int64 at ``address`` plus ``index`` elements."""
-    if address != types.uint64 or not isinstance(index, types.Integer):
+    if not isinstance(address, types.Integer) or not isinstance(index, types.Integer):
         return None
 
     def codegen(context, builder, sig, args):
-        ptr = builder.gep(_pointer(builder, args[0], ir.IntType(64)), [args[1]], inbounds=True)
-        return builder.load(ptr)
+        ptr = builder.inttoptr(args[0], ir.PointerType(ir.IntType(64)))
+        return builder.load(builder.gep(ptr, [args[1]], inbounds=True))
 
     return types.int64(address, index), codegen
-
-
-def _make_pool_feature(load):
-    """The loop over one feature's bags for one storage kind; ``load`` reads an element as float32.
-
-    A factory rather than a function argument: a dispatcher passed as an argument would make the
-    calling kernel uncacheable (numba treats it as a dynamic global).
-    """
-
-    @njit
-    def pool_feature(
-        address, rows, dim, row_bytes, ids, lengths, per_sample, has_weights, is_mean, ahead_by,
-        prefetch_bytes, first_bag, s0, s1, start, stop, out, col, acc,
-    ):  # fmt: skip
-        """Pool samples ``s0..s1`` of one feature: bags ``first_bag + s``, ids ``values[start:stop]``.
-
-        Writes ``out[s, col:col + dim]``; returns the position of the first id outside the table, or -1.
-        """
-        last = stop - 1
-        first_bad = -1
-        pos = start
-        for s in range(s0, s1):
-            n = np.int64(lengths[first_bag + s])
-            for d in range(dim):
-                acc[d] = 0.0
-            for p in range(pos, pos + n):
-                ahead = np.uint64(_load_i64(ids, min(p + ahead_by, last)))
-                if ahead < rows:
-                    ahead_address = address + ahead * row_bytes
-                    for offset in range(0, prefetch_bytes, 64):
-                        _prefetch(ahead_address + np.uint64(offset))
-                row = np.uint64(_load_i64(ids, p))
-                if row >= rows:
-                    if first_bad < 0:
-                        first_bad = p
-                    continue
-                row_address = address + row * row_bytes
-                if has_weights:
-                    w = per_sample[p]
-                    for d in range(dim):
-                        acc[d] += w * load(row_address, d)
-                else:
-                    for d in range(dim):
-                        acc[d] += load(row_address, d)
-            pos += n
-            if is_mean and n > 0:
-                divisor = np.float32(n)
-                for d in range(dim):
-                    out[s, col + d] = acc[d] / divisor
-            else:
-                for d in range(dim):
-                    out[s, col + d] = acc[d]
-        return first_bad
-
-    return pool_feature
-
-
-_pool_f32 = _make_pool_feature(_load_f32)
-_pool_f16 = _make_pool_feature(_load_f16)
-_pool_bf16 = _make_pool_feature(_load_bf16)
 
 
 @njit(inline="always")
@@ -205,13 +92,13 @@ def pool(
     table_mean,
     chunk,
     ahead_by,
-    prefetch_lines,
     out,
     err,
 ):
     """Pool a whole batch into ``out`` ``[batch, total_dim]`` (float32); errors go to ``err``.
 
-    The ``n_ids`` int64 ids are read from address ``ids``.
+    The ``n_ids`` int64 ids are read from address ``ids``. ``per_sample`` holds the float32
+    per-sample weights when ``has_weights``, else a single 1.0 (each row is multiplied by it).
 
     ``feature_table[f]`` is the table of batch key ``f`` and ``feature_col[f]`` its first output
     column. Table ``t`` is a C-contiguous ``[table_rows[t], table_dim[t]]`` array at address
@@ -255,41 +142,48 @@ def pool(
         err[2] = position
         err[3] = n_ids
         return
-    max_dim = 1
-    for t in range(table_dim.shape[0]):
-        max_dim = max(max_dim, table_dim[t])
+    ids_end = n_ids - 1
+    lengths_address = _address(lengths)
+    weights_address = _address(per_sample)
+    weight_step = 4 if has_weights else 0
+    out_address = _address(out)
+    out_stride = out.shape[1] * 4
     bad = np.full(n_chunks, -1, np.int64)
     for c in prange(n_chunks):
-        acc = np.empty(max_dim, np.float32)
         s0 = c * chunk
         s1 = min(batch, s0 + chunk)
         for f in range(n_features):
             t = feature_table[f]
             kind = table_kind[t]
-            address = np.uint64(table_address[t])
-            rows = np.uint64(table_rows[t])
             dim = table_dim[t]
-            row_bytes = np.uint64(dim * (4 if kind == KIND_F32 else 2))
-            prefetch_bytes = min(dim * (4 if kind == KIND_F32 else 2), 64 * prefetch_lines)
-            table = (address, rows, dim, row_bytes)
-            batch_data = (
-                ids,
-                lengths,
-                per_sample,
-                has_weights,
-                table_mean[t],
-                ahead_by,
-                prefetch_bytes,
-            )
-            where = (f * batch, s0, s1, starts[f, c], starts[f, c + 1], out, feature_col[f], acc)
-            if kind == KIND_F32:
-                first_bad = _pool_f32(*table, *batch_data, *where)
-            elif kind == KIND_F16:
-                first_bad = _pool_f16(*table, *batch_data, *where)
-            else:
-                first_bad = _pool_bf16(*table, *batch_data, *where)
-            if first_bad >= 0 and bad[c] < 0:
-                bad[c] = first_bad
+            element = 4 if kind == KIND_F32 else 2
+            mean = np.int64(1 if table_mean[t] else 0)
+            done = 0
+            while done < dim:
+                width = MAX_WIDTH
+                while width > dim - done:
+                    width //= 2
+                first_bad = pool_block(
+                    kind,
+                    width,
+                    ids,
+                    lengths_address + (f * batch + s0) * 8,
+                    s1 - s0,
+                    starts[f, c],
+                    ids_end,
+                    table_address[t] + done * element,
+                    table_rows[t],
+                    dim * element,
+                    weights_address,
+                    weight_step,
+                    ahead_by,
+                    mean,
+                    out_address + (s0 * out.shape[1] + feature_col[f] + done) * 4,
+                    out_stride,
+                )
+                done += width
+                if first_bad >= 0 and (bad[c] < 0 or first_bad < bad[c]):
+                    bad[c] = first_bad
     first = _first_error(bad)
     if first >= 0:
         err[0] = BAD_ID

@@ -27,16 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from harness.backend import BackendUnavailable, Lookup
-from harness.model import (
-    ID_DTYPES,
-    JaggedBatch,
-    Pooling,
-    TableConfig,
-    dtype_name,
-    output_columns,
-    total_dim,
-)
-from harness.validate import validate_tables, validate_weights
+from harness.model import JaggedBatch, Pooling, TableConfig, output_columns, total_dim
+from harness.validate import check_batch_lengths, check_lookup_batch, validate_tables, validate_weights
 
 # Under the interpreter, (ids in the batch) x (widest dim) above this is reported unsupported:
 # the interpreter pools about half a million such elements a second, and a fuzz or check run should
@@ -191,42 +183,9 @@ class TritonLookup:
         return layout
 
     def _check(self, batch: JaggedBatch) -> None:
-        """Structure, lengths and per-sample weights; ids are checked by the kernel."""
-        if not isinstance(batch, JaggedBatch):
-            raise ValueError(f"batch is a {type(batch).__name__}, not a JaggedBatch")
-        if len(batch.keys) == 0:
-            raise ValueError("batch has no keys")
-        for what, t in (("ids (values)", batch.values), ("lengths", batch.lengths)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 1:
-                raise ValueError(f"{what} must be a 1-D tensor, got {t!r:.80}")
-            if t.dtype not in ID_DTYPES:
-                raise ValueError(f"{what} must be int64 or int32, got {dtype_name(t.dtype)}")
-        n_keys = len(batch.keys)
-        if len(batch.lengths) % n_keys != 0:
-            raise ValueError(f"lengths has {len(batch.lengths)} entries, not a multiple of the {n_keys} keys")
-        lengths = batch.lengths.cpu()
-        if len(lengths) and int(lengths.min()) < 0:
-            i = int((lengths < 0).nonzero()[0])
-            b = len(lengths) // n_keys
-            raise ValueError(
-                f"negative length {int(lengths[i])} for feature {batch.keys[i // b]!r}, sample {i % b} "
-                f"(lengths[{i}])"
-            )
-        total = int(lengths.to(torch.int64).sum())
-        if total != len(batch.values):
-            raise ValueError(f"sum(lengths) = {total} but values has {len(batch.values)} ids")
-        w = batch.weights
-        if w is not None:
-            if not isinstance(w, torch.Tensor) or w.dtype != torch.float32:
-                raise ValueError(f"per-sample weights must be a float32 tensor, got {w!r:.80}")
-            if w.dim() != 1 or len(w) != len(batch.values):
-                raise ValueError(
-                    f"per-sample weights have shape {tuple(w.shape)}, "
-                    f"expected ({len(batch.values)},) like values"
-                )
-            if self.has_mean:
-                mean = [t.name for t in self.tables if t.pooling is Pooling.MEAN]
-                raise ValueError(f"per-sample weights require SUM pooling, but tables {mean} pool MEAN")
+        """Structure and lengths, on any device (the batch is moved to ours); the kernel checks ids."""
+        check_lookup_batch(batch, self.tables, device=None, has_mean=self.has_mean)
+        check_batch_lengths(batch)
 
     def __call__(self, batch: JaggedBatch) -> torch.Tensor:
         self._check(batch)

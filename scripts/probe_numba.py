@@ -68,13 +68,13 @@ def numba_settings(name: str) -> None:
     """``numba:chunk=32,ahead=8`` tunes the numba lookup's module settings for the next call."""
     given = dict(kv.split("=") for kv in name.partition(":")[2].split(",") if kv)
     numba_fused.CHUNK = int(given.get("chunk", CHUNK))
+    numba_fused.CHUNKS_PER_THREAD = int(given.get("per", PER))
     numba_fused.PREFETCH_DISTANCE = int(given.get("ahead", AHEAD))
     numba_fused.SERIAL_WORK = int(given.get("serial", SERIAL))
-    numba_fused.PREFETCH_LINES = int(given.get("lines", LINES))
 
 
 CHUNK, AHEAD, SERIAL = numba_fused.CHUNK, numba_fused.PREFETCH_DISTANCE, numba_fused.SERIAL_WORK
-LINES = numba_fused.PREFETCH_LINES
+PER = numba_fused.CHUNKS_PER_THREAD
 
 
 def probe(w: Workload, backends: list[str], reps: int) -> None:
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument(
         "--backends",
         default="numba,torch",
-        help="comma-separated; numba:chunk=32,ahead=8,serial=0,lines=4 overrides the numba settings",
+        help="comma-separated; numba:chunk=32,ahead=8,serial=0,per=2 overrides the numba settings",
     )
     parser.add_argument("--reps", type=int, default=15)
     args = parser.parse_args()

@@ -103,6 +103,26 @@ def test_chunk_boundaries_agree(backend, name, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_every_column_block_agrees(backend, dtype):
+    """Dims whose greedy split uses every generated block width (511 = 256 + 128 + ... + 1), with
+    and without per-sample weights, SUM and MEAN: each width's loop reads its own columns."""
+    from impls.numba_codegen import block_widths
+
+    assert sum(block_widths()) == 511
+    tables = [
+        table("a", 13, 511, ["x"], dtype=dtype),
+        table("b", 6, 3, ["y"], dtype=dtype),
+        table("c", 21, 300, ["z"], dtype=dtype),
+    ]
+    weights = make_weights(tables, seed=6)
+    assert_agrees(backend, tables, weights, bags_batch(tables, 9, 2, weighted=True))
+    mean = [
+        table(t.name, t.num_embeddings, t.embedding_dim, t.feature_names, Pooling.MEAN, dtype) for t in tables
+    ]
+    assert_agrees(backend, mean, weights, bags_batch(mean, 9, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_per_sample_weights_agree(backend, dtype):
     tables = [table("a", 25, 9, ["x", "y"], dtype=dtype), table("b", 7, 16, ["z"])]
     assert_agrees(backend, tables, make_weights(tables, 1), bags_batch(tables, 40, 1, weighted=True))
@@ -188,14 +208,25 @@ def good_batch(**change) -> JaggedBatch:
             {"lengths": torch.tensor([2, 1, 4, -2, 1, 1])},
             r"negative length -2 for feature 'y', sample 1 \(lengths\[3\]\)",
         ),
-        ({"lengths": torch.tensor([2, 1, 2, 0, 1])}, r"lengths has 5 entries, not a multiple of the 3 keys"),
+        (
+            {"lengths": torch.tensor([2, 1, 2, 0, 1])},
+            r"lengths has 5 entries, not a multiple of the 3 keys \['x', 'y', 'z'\]",
+        ),
         (
             {"lengths": torch.tensor([2**62, 2**62, 2**62, 2**62 + 1, 1, 1])},
             r"length larger than the 7 ids of the batch: 4611686018427387904 for feature 'x', sample 0",
         ),
         ({"weights": torch.ones(6)}, r"per-sample weights have shape \(6,\), expected \(7,\)"),
         ({"weights": torch.ones(7, dtype=torch.float64)}, r"per-sample weights must be a float32"),
-        ({"weights": torch.ones(7)}, r"per-sample weights require SUM pooling, but tables \['b'\] pool MEAN"),
+        (
+            {"weights": torch.ones(7)},
+            r"per-sample weights require SUM pooling, but table 'b' \(features \['z'\]\) pools MEAN",
+        ),
+        (
+            {"weights": torch.ones(7, device="meta")},
+            r"per-sample weights must be a float32 CPU tensor, got float32 of shape \(7,\) on meta",
+        ),
+        ({"weights": [1.0] * 7}, r"per-sample weights must be a float32 CPU tensor, got a list"),
         ({"keys": ("x", "y", "w")}, r"missing \['z'\], not a feature \['w'\]"),
         ({"keys": ("x", "y")}, r"lengths has 6 entries|missing \['z'\]"),
         ({"keys": ("x", "x", "z")}, r"repeated \['x'\]"),
@@ -205,7 +236,11 @@ def good_batch(**change) -> JaggedBatch:
             r"ids \(values\) must be int64 or int32, got float32",
         ),
         ({"lengths": torch.tensor([2.0, 1, 2, 0, 1, 1])}, r"lengths must be int64 or int32, got float32"),
-        ({"values": torch.tensor([[1, 2, 3, 9, 4, 0, 4]])}, r"ids \(values\) must be a 1-D CPU tensor"),
+        (
+            {"values": torch.tensor([[1, 2, 3, 9, 4, 0, 4]])},
+            r"ids \(values\) must be a 1-D CPU tensor, got int64 of shape \(1, 7\) on cpu",
+        ),
+        ({"lengths": [2, 1, 2, 0, 1, 1]}, r"lengths must be a 1-D CPU tensor, got a list"),
     ],
 )
 def test_malformed_batch_raises_a_clear_error(bad_lookup, change, message):

@@ -122,17 +122,28 @@ def _batch(values, lengths, weights=None, keys=("x", "y"), id_dtype=torch.int64)
         (_batch([0, 1, 3], [2, 1]), r"id out of range: feature 'y'.* id 3; table 'b' has num_embeddings 3"),
         (_batch([0, 1], [2, 1]), r"sum\(lengths\) = 3 but values has 2 ids"),
         (_batch([0, 1], [3, -1]), r"negative length -1 for feature 'y', sample 0"),
-        (_batch([0, 1], [1, 1, 0]), r"lengths has 3 entries, not a multiple of the 2 keys"),
+        (_batch([0, 1], [1, 1, 0]), r"lengths has 3 entries, not a multiple of the 2 keys \['x', 'y'\]"),
         (_batch([0, 1], [1, 1], keys=("x", "q")), r"missing \['y'\], not a feature \['q'\]"),
         (_batch([0, 1], [1, 1], weights=[1.0]), r"per-sample weights have shape \(1,\)"),
-        (_batch([0, 1], [1, 1], weights=[1.0, 2.0]), r"require SUM pooling, but tables \['a'\]"),
+        (
+            _batch([0, 1], [1, 1], weights=[1.0, 2.0]),
+            r"require SUM pooling, but table 'a' \(features \['x'\]\) pools MEAN",
+        ),
+        (
+            JaggedBatch((), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)),
+            r"batch has no keys; the tables' features are \['x', 'y'\]",
+        ),
+        (
+            JaggedBatch(("x", "y"), torch.tensor([[0, 1]]), torch.tensor([1, 1])),
+            r"ids \(values\) must be a 1-D tensor, got int64 of shape \(1, 2\) on cpu",
+        ),
         (
             JaggedBatch(("x", "y"), torch.tensor([0.0, 1.0]), torch.tensor([1, 1])),
             r"ids \(values\) must be int64 or int32, got float32",
         ),
         (
             JaggedBatch(("x", "y"), torch.tensor([0, 1]), torch.tensor([1, 1]), torch.tensor([1, 2])),
-            r"per-sample weights must be a float32 tensor",
+            r"per-sample weights must be a float32 tensor, got int64 of shape \(2,\) on cpu",
         ),
     ],
 )

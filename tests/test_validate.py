@@ -5,7 +5,7 @@ import torch
 
 from harness.agreement import check_agreement
 from harness.model import JaggedBatch, Pooling, TableConfig
-from harness.validate import ProblemError, validate_problem
+from harness.validate import ProblemError, check_lookup_batch, validate_problem
 from harness.weights import make_weights
 
 
@@ -69,7 +69,7 @@ def test_weights_of_wrong_length():
 
 def test_weights_of_wrong_dtype():
     rejects(
-        r"per-sample weights must be float32, got float64",
+        r"per-sample weights must be a float32 CPU tensor, got float64 of shape \(3,\) on cpu",
         tables(),
         batch(weights=torch.ones(3, dtype=torch.float64)),
     )
@@ -77,7 +77,25 @@ def test_weights_of_wrong_dtype():
 
 def test_ids_that_are_not_integers():
     b = JaggedBatch(("f",), torch.tensor([1.0, 2.0]), torch.tensor([2]))
-    rejects(r"ids \(batch values\) must be int64 or int32, got float32 \(ids are not integers\)", tables(), b)
+    rejects(r"ids \(values\) must be int64 or int32, got float32 \(ids are not integers\)", tables(), b)
+
+
+def test_a_batch_off_the_cpu_is_rejected_unless_the_lookup_moves_it():
+    on_meta = JaggedBatch(
+        ("f",), torch.zeros(3, dtype=torch.int64, device="meta"), torch.zeros(2, dtype=torch.int64)
+    )
+    rejects(r"ids \(values\) must be a 1-D CPU tensor, got int64 of shape \(3,\) on meta", tables(), on_meta)
+    with pytest.raises(ProblemError, match=r"got int64 of shape \(3,\) on meta"):
+        check_lookup_batch(on_meta, tables(), device="cpu")
+    check_lookup_batch(on_meta, tables(), device=None)
+
+
+def test_a_lookup_check_scans_the_tables_for_mean_unless_told():
+    weighted = batch(weights=torch.ones(3))
+    with pytest.raises(ProblemError, match=r"but table 't' \(features \['f'\]\) pools MEAN"):
+        check_lookup_batch(weighted, tables(pooling=Pooling.MEAN), device="cpu")
+    check_lookup_batch(weighted, tables(), device="cpu")
+    check_lookup_batch(weighted, tables(pooling=Pooling.MEAN), device="cpu", has_mean=False)
 
 
 def test_int32_ids_are_accepted_and_int16_are_not():
