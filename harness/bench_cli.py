@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from harness.cli_args import add_backend_option, load_backends
+
 
 def _percent(text: str) -> float:
     """``"10%"`` or ``"10"`` -> 0.10."""
@@ -23,7 +25,7 @@ def _percent(text: str) -> float:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from harness.bench import BenchConfig, run_bench
-    from harness.cli import EXIT_FOUND, EXIT_OK, EXIT_USAGE, UsageError, _load_backends, _progress
+    from harness.cli import EXIT_FOUND, EXIT_OK, EXIT_USAGE, UsageError, _progress
     from harness.workloads import WorkloadError, check_fits, get_workloads, load_workloads
 
     if args.list_workloads:
@@ -41,7 +43,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             check_fits(w, copies=args.copies)
     except WorkloadError as e:
         raise UsageError(str(e)) from e
-    backends = _load_backends(args.backend)
+    backends = load_backends(args.backend)
     if not backends:
         raise UsageError("no backend to run")
     config = BenchConfig(
@@ -112,12 +114,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``bench``, ``report`` and ``compare`` on the ``jagbench`` parser."""
     p = sub.add_parser("bench", help="the pytest-benchmark suite over backends and workloads")
-    p.add_argument(
-        "--backend",
-        action="append",
-        metavar="NAME_OR_SPEC",
-        help="a built-in name, module:ATTR or file.py:ATTR (repeatable; default: all available)",
-    )
+    add_backend_option(p, "all available")
     p.add_argument(
         "--workload",
         action="append",

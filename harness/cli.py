@@ -10,6 +10,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from harness.cli_args import add_backend_option, load_backends
+
 EXIT_OK = 0
 EXIT_FOUND = 1
 EXIT_USAGE = 2
@@ -27,21 +29,6 @@ def _progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _load_backends(specs: Sequence[str] | None, *, with_reference: bool = False) -> list:
-    from harness.backend import BackendSpecError, BackendUnavailable, available_backends, load_backend
-
-    if not specs:
-        backends = available_backends()
-        return [b for b in backends if with_reference or b.name != "reference"]
-    out = []
-    for spec in specs:
-        try:
-            out.append(load_backend(spec))
-        except (BackendUnavailable, BackendSpecError) as e:
-            raise UsageError(str(e)) from e
-    return out
-
-
 def cmd_backends(args: argparse.Namespace) -> int:
     from harness.backend import backend_statuses
     from harness.table import markdown_table
@@ -57,7 +44,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from harness.smoke import format_smoke, smoke_check
 
-    backends = _load_backends(args.backend)
+    backends = load_backends(args.backend)
     summary = smoke_check(backends, range(args.seed, args.seed + args.problems), progress=_progress)
     print(file=sys.stderr)
     print(format_smoke(summary))
@@ -75,12 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_backends)
 
     p = sub.add_parser("check", help="agreement check of backends on a few seeded problems")
-    p.add_argument(
-        "--backend",
-        action="append",
-        metavar="NAME_OR_SPEC",
-        help="a built-in name, module:ATTR or file.py:ATTR (repeatable; default: all available)",
-    )
+    add_backend_option(p, "all available")
     p.add_argument("--problems", type=int, default=20, help="how many problems (default 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first problem (default 0)")
     p.set_defaults(func=cmd_check)

@@ -13,25 +13,12 @@ import argparse
 import sys
 from pathlib import Path
 
-
-def _positive(kind: type) -> object:
-    def parse(text: str) -> object:
-        try:
-            value = kind(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from e
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-        return value
-
-    return parse
+from harness.cli_args import add_backend_option, load_backends, positive
 
 
 def _backends_with_labels(specs: list[str] | None) -> tuple[list, list[str]]:
     """Backends and the names saved cases use for them: the spec as given, or the built-in name."""
-    from harness.cli import _load_backends
-
-    backends = _load_backends(specs)
+    backends = load_backends(specs)
     labels = list(specs) if specs else [b.name for b in backends]
     return backends, labels
 
@@ -71,14 +58,14 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from harness.backend import BackendSpecError, BackendUnavailable
     from harness.cases import CaseError, load_case
-    from harness.cli import EXIT_FOUND, EXIT_OK, UsageError, _load_backends
+    from harness.cli import EXIT_FOUND, EXIT_OK, UsageError
     from harness.replay import format_replay, replay
 
     try:
         cases = [load_case(p) for p in args.cases]
     except CaseError as e:
         raise UsageError(str(e)) from e
-    backends = _load_backends(args.backend) if args.backend else None
+    backends = load_backends(args.backend) if args.backend else None
     try:
         results = replay(cases, backends)
     except (BackendUnavailable, BackendSpecError) as e:
@@ -96,23 +83,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Fuzz backends against the reference. Exit 0: all agree; 1: a failure was found "
         "(printed, saved under --save-dir); 2: usage or setup error.",
     )
-    p.add_argument(
-        "--backend",
-        action="append",
-        metavar="NAME_OR_SPEC",
-        help="a built-in name, module:ATTR or file.py:ATTR (repeatable; default: every available "
-        "backend except the reference)",
-    )
+    add_backend_option(p, "every available backend except the reference")
     stop = p.add_mutually_exclusive_group()
     stop.add_argument(
         "--time-budget",
-        type=_positive(float),
+        type=positive(float),
         metavar="SECONDS",
         help="total seconds of generation, split evenly between the backends",
     )
     stop.add_argument(
         "--max-examples",
-        type=_positive(int),
+        type=positive(int),
         metavar="N",
         help="examples per backend (default 500 when no time budget is given)",
     )
@@ -125,7 +106,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--shrink-budget",
-        type=_positive(float),
+        type=positive(float),
         default=60.0,
         metavar="SECONDS",
         help="at most this long shrinking a failure; the smallest failing example so far is kept",
@@ -148,10 +129,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "1 otherwise, 2 when a case or backend cannot be loaded.",
     )
     p.add_argument("cases", nargs="+", metavar="CASE", help="case files (JSON)")
-    p.add_argument(
-        "--backend",
-        action="append",
-        metavar="NAME_OR_SPEC",
-        help="run these backends on the cases instead of each case's own (repeatable)",
-    )
+    add_backend_option(p, "", help="run these backends on the cases instead of each case's own (repeatable)")
     p.set_defaults(func=cmd_replay)

@@ -43,25 +43,6 @@ def permute_bags(batch: JaggedBatch, seed: int) -> JaggedBatch:
     )
 
 
-def slice_batch(batch: JaggedBatch, start: int, stop: int) -> JaggedBatch:
-    """Samples ``[start, stop)`` of every feature, as a batch of ``stop - start`` samples."""
-    b = batch.batch_size
-    offsets = batch.offsets
-    values, lengths, weights = [], [], []
-    for f in range(len(batch.keys)):
-        lo, hi = int(offsets[f * b + start]), int(offsets[f * b + stop])
-        values.append(batch.values[lo:hi])
-        lengths.append(batch.lengths[f * b + start : f * b + stop])
-        if batch.weights is not None:
-            weights.append(batch.weights[lo:hi])
-    return JaggedBatch(
-        batch.keys,
-        torch.cat(values).clone(),
-        torch.cat(lengths).clone(),
-        None if batch.weights is None else torch.cat(weights).clone(),
-    )
-
-
 def split_table(problem: Problem) -> Problem | None:
     """The first table with several features split in two (the copy named ``<name>_split``), or None."""
     for i, t in enumerate(problem.tables):
@@ -116,7 +97,7 @@ def transformed_results(
     if relation == "split-batch":
         b = problem.batch.batch_size
         k = seed % (b + 1)
-        halves = [slice_batch(problem.batch, 0, k), slice_batch(problem.batch, k, b)]
+        halves = [problem.batch.select_samples(0, k), problem.batch.select_samples(k, b)]
         parts = [Problem(problem.tables, problem.weights, h, dict(problem.metadata)) for h in halves]
         results = [run(p) for p in parts]
         return parts, torch.cat([r.detach().to("cpu") for r in results], dim=0)

@@ -96,6 +96,31 @@ class JaggedBatch:
         offsets = self.offsets
         return self.values[int(offsets[i]) : int(offsets[i + 1])]
 
+    def select_samples(self, start: int, stop: int) -> JaggedBatch:
+        """Samples ``[start, stop)`` of every feature, as a batch of ``stop - start`` samples.
+
+        Its tensors are new (never views of this batch's); the keys are kept, and per-sample
+        weights follow their ids. Needs ``0 <= start <= stop <= batch_size``.
+        """
+        b = self.batch_size
+        if not 0 <= start <= stop <= b:
+            raise ValueError(f"samples [{start}, {stop}) are not within a batch of {b} samples")
+        offsets = self.offsets
+        features = range(len(self.keys))
+        spans = [(int(offsets[f * b + start]), int(offsets[f * b + stop])) for f in features]
+
+        def take(t: torch.Tensor, pieces: Sequence[slice]) -> torch.Tensor:
+            return torch.cat([t[:0]] + [t[p] for p in pieces])  # a new tensor, even of no pieces
+
+        ids = [slice(lo, hi) for lo, hi in spans]
+        bags = [slice(f * b + start, f * b + stop) for f in features]
+        return JaggedBatch(
+            keys=self.keys,
+            values=take(self.values, ids),
+            lengths=take(self.lengths, bags),
+            weights=None if self.weights is None else take(self.weights, ids),
+        )
+
     @classmethod
     def from_bags(
         cls,

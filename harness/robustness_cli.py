@@ -11,27 +11,9 @@ import signal
 import sys
 from pathlib import Path
 
+from harness.cli_args import add_backend_option, positive
+
 DEFAULT_JSON = Path("reports/robustness.json")
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from e
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from e
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def cmd_robustness(args: argparse.Namespace) -> int:
@@ -59,6 +41,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
             jobs=args.jobs,
             json_path=json_path,
             progress=_progress,
+            process_per_case=args.process_per_case,
         )
     except BackendSpecError as e:
         raise UsageError(str(e)) from e
@@ -89,22 +72,17 @@ def cmd_robustness(args: argparse.Namespace) -> int:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "robustness",
-        help="feed every backend malformed input directly (no validation), each in its own process",
+        help="feed every backend malformed input directly (no validation), in isolated processes",
         description=(
             "The robustness matrix: each backend gets each malformed input of "
-            "cases/robustness/inputs.json directly (harness.validate bypassed), in its own process "
-            "with a time limit, and is classified: raised / returned silently (which reading) / "
-            "crashed / hung / mutated its inputs. Exit 0 when the matrix ran, 1 when numba or triton "
-            "was not clean, 2 on a usage error."
+            "cases/robustness/inputs.json directly (harness.validate bypassed), in a child process "
+            "with a time limit per case (one per case; one per backend for a backend that keeps "
+            "worker processes, replaced after a crash or hang), and is classified: raised / "
+            "returned silently (which reading) / crashed / hung / mutated its inputs. Exit 0 when "
+            "the matrix ran, 1 when numba or triton was not clean, 2 on a usage error."
         ),
     )
-    p.add_argument(
-        "--backend",
-        action="append",
-        metavar="NAME_OR_SPEC",
-        help="a built-in name, module:ATTR or file.py:ATTR (repeatable; default: every built-in, "
-        "unavailable ones listed with the reason)",
-    )
+    add_backend_option(p, "every built-in, unavailable ones listed with the reason")
     p.add_argument(
         "--input",
         action="append",
@@ -126,10 +104,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive(float),
         default=20.0,
         metavar="S",
         help="time limit of one case in seconds; past it the case is recorded as hung (default 20)",
     )
-    p.add_argument("--jobs", type=_positive_int, default=2, metavar="N", help="cases run at once (default 2)")
+    p.add_argument("--jobs", type=positive(int), default=2, metavar="N", help="cases run at once (default 2)")
+    p.add_argument(
+        "--process-per-case",
+        action="store_true",
+        help="a fresh process for every case, also for a backend that keeps worker processes "
+        "(by default such a backend, e.g. torchrec-sharded-*, runs all its inputs in one process "
+        "that restarts after a crash or hang)",
+    )
     p.set_defaults(func=cmd_robustness)

@@ -77,6 +77,18 @@ def detail(r: CaseResult) -> str:
     return _escape("; ".join(parts))[:400]
 
 
+def _isolation(doc: Mapping[str, Any]) -> str:
+    """How the cases were spread over processes (documents before that choice: one per case)."""
+    shared = [f"`{b['name']}`" for b in doc["backends"] if b["available"] and b.get("keeps_processes")]
+    if doc.get("process_per_case", True) or not shared:
+        return "Each (backend, input) in its own process"
+    return (
+        "Each (backend, input) in its own process, except for the backends that keep worker "
+        f"processes ({', '.join(shared)}): one process runs all the inputs of each, one after another, "
+        "and a fresh one takes over after a crash or hang"
+    )
+
+
 def render_markdown(doc: Mapping[str, Any], *, heading: str = "##") -> str:
     """The matrix (inputs x backends), a clean count per backend, then every case's details."""
     results = [CaseResult.from_json(r) for r in doc["results"]]
@@ -87,8 +99,8 @@ def render_markdown(doc: Mapping[str, Any], *, heading: str = "##") -> str:
     lines = [
         f"{heading} Robustness: malformed input fed to each backend directly",
         "",
-        f"Each (backend, input) in its own process, {doc['timeout_s']:g} s limit, "
-        f"{doc['jobs']} at a time; {len(results)} cases"
+        f"{_isolation(doc)}, {doc['timeout_s']:g} s limit per case, "
+        f"{doc['jobs']} processes at a time; {len(results)} cases"
         + (f" in {doc['wall_s']:g} s" if doc.get("wall_s") is not None else "")
         + f", {doc['created']} on {doc['machine']['platform']} ({doc['machine']['cpu_count']} CPUs). "
         + (f"Versions: {versions}." if versions else ""),

@@ -2,7 +2,7 @@
 
 One module, two ways to run it:
 
-- As a pool worker (`serve`), spawned by `impls.torchrec_sharded` and driven over a pipe: it
+- As a pool worker (`serve`), started by `impls.torchrec_sharded` and driven over a pipe: it
   joins a gloo process group once, then answers ``setup`` (shard the problem's tables, load their
   weights into the shards and read them back), ``lookup`` (pool this rank's slice of the batch)
   and ``release`` messages until told to stop or its parent goes away.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -45,26 +46,6 @@ def sample_ranges(batch_size: int, world_size: int) -> list[tuple[int, int]]:
         out.append((start, stop))
         start = stop
     return out
-
-
-def slice_batch(batch: JaggedBatch, start: int, stop: int) -> JaggedBatch:
-    """Samples ``[start, stop)`` of every feature, as a batch of ``stop - start`` samples."""
-    b = batch.batch_size
-    offsets = batch.offsets
-    values, lengths, weights = [], [], []
-    for f in range(len(batch.keys)):
-        lo, hi = int(offsets[f * b + start]), int(offsets[f * b + stop])
-        values.append(batch.values[lo:hi])
-        lengths.append(batch.lengths[f * b + start : f * b + stop])
-        if batch.weights is not None:
-            weights.append(batch.weights[lo:hi])
-    empty_ids = batch.values[:0]
-    return JaggedBatch(
-        keys=batch.keys,
-        values=torch.cat(values) if values else empty_ids,
-        lengths=torch.cat(lengths) if lengths else batch.lengths[:0],
-        weights=(torch.cat(weights) if weights else batch.weights[:0]) if batch.weights is not None else None,
-    )
 
 
 def column_split(dim: int, world_size: int) -> list[int]:
@@ -202,6 +183,13 @@ def _local_pieces(entry: Any) -> list[tuple[torch.Tensor, tuple[int, int], tuple
     return [(entry, (0, 0), tuple(entry.shape))]  # type: ignore[list-item]
 
 
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal element by element, NaN equal to NaN: a table may hold NaN (it is a value, and
+    propagates), and ``torch.equal`` would call such a shard different from itself."""
+    nan = torch.isnan(a)
+    return torch.equal(nan, torch.isnan(b)) and torch.equal(a[~nan], b[~nan])
+
+
 @torch.no_grad()
 def load_and_verify(module: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> dict[str, list[Any]]:
     """Copy each table's rows/columns into this rank's shards, then read them back.
@@ -219,7 +207,7 @@ def load_and_verify(module: torch.nn.Module, weights: Mapping[str, torch.Tensor]
         full = weights[name]
         for local, (r0, c0), (nr, nc) in _local_pieces(entry):
             want = full[r0 : r0 + nr, c0 : c0 + nc].to(local.dtype)
-            if not torch.equal(local.cpu(), want):
+            if not _same_values(local.cpu(), want):
                 raise RuntimeError(
                     f"table {name!r}: the shard at rows {r0}..{r0 + nr}, columns {c0}..{c0 + nc} "
                     "does not hold the loaded weights when read back from state_dict()"
@@ -248,7 +236,12 @@ def local_lookup(module: torch.nn.Module, tables: Sequence[TableConfig], batch: 
 
 
 def _watch_parent(parent_pid: int) -> None:
-    """Exit this rank as soon as its parent is gone (covers SIGKILL of the parent too)."""
+    """Exit this rank as soon as the process that started the pool is gone (SIGKILL included).
+
+    The rank's own parent is the forkserver it was forked from, which exits when that process
+    does: ``PR_SET_PDEATHSIG`` turns the forkserver's exit into SIGKILL here; a thread waiting on
+    a pidfd of ``parent_pid`` (polling it where there is no pidfd) covers the rest.
+    """
     try:
         import ctypes
 
@@ -257,9 +250,20 @@ def _watch_parent(parent_pid: int) -> None:
         pass
 
     def watch() -> None:
+        try:
+            fd = os.pidfd_open(parent_pid)
+        except (AttributeError, OSError):
+            fd = None
+        if fd is not None:
+            select.select([fd], [], [])  # readable once the process has exited
+            os._exit(3)
         while True:
-            if os.getppid() != parent_pid:
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
                 os._exit(3)
+            except PermissionError:
+                pass
             threading.Event().wait(0.5)
 
     threading.Thread(target=watch, name="jagbench-parent-watch", daemon=True).start()
@@ -375,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         load_and_verify(module, weights)
         start, stop = sample_ranges(batch.batch_size, world)[rank]
-        local = local_lookup(module, tables, slice_batch(batch, start, stop))
+        local = local_lookup(module, tables, batch.select_samples(start, stop))
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, local)
         if rank == 0:

@@ -3,6 +3,7 @@ misbehaves in one known way when an id is outside its table (loaded by file spec
 
 import os
 import signal
+import subprocess
 import time
 
 import torch
@@ -87,3 +88,34 @@ class ZeroesNaNInPrepare(ReferenceBackend):
         for w in weights.values():
             w.nan_to_num_(0.0)
         return super().prepare(tables, weights)
+
+
+_WORKER: list = []
+_CASES: list = []
+
+
+class KeepsAWorker(ReferenceBackend):
+    """Starts a helper process at its first ``prepare`` and keeps it, like a rank pool. On a
+    non-finite weight it names how many problems this process has prepared and the helper's pid
+    (raises); an id past its table crashes it, a negative id hangs it."""
+
+    name = "planted-worker"
+
+    def prepare(self, tables, weights):
+        if not _WORKER:
+            _WORKER.append(subprocess.Popen(["sleep", "600"]))
+        _CASES.append(None)
+        lookup = super().prepare(tables, weights)
+        finite = all(bool(w.isfinite().all()) for w in weights.values())
+
+        def planted(batch: JaggedBatch) -> torch.Tensor:
+            rows = _rows_of_each_id(tables, batch)
+            if bool((batch.values >= rows).any()):
+                os.kill(os.getpid(), signal.SIGSEGV)
+            if bool((batch.values < 0).any()):
+                time.sleep(600)
+            if not finite or (batch.weights is not None and not bool(batch.weights.isfinite().all())):
+                raise ValueError(f"planted: problem {len(_CASES)} of this process, helper {_WORKER[0].pid}")
+            return lookup(batch)
+
+        return planted

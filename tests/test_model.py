@@ -1,5 +1,6 @@
 """The problem model and the worked examples of the seed tutorial this project started from."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -82,3 +83,33 @@ def test_agreement_check_on_empty_batch_and_empty_bags():
     for bags in ({"f": [], "g": []}, {"f": [[], [1]], "g": [[2, 2], []]}):
         verdicts = check_agreement(backends, tables, weights, JaggedBatch.from_bags(bags))
         assert [v.outcome for v in verdicts] == [Outcome.AGREE], verdicts
+
+
+def test_select_samples_takes_every_features_bags_of_those_samples():
+    bags = {"a": [[1, 2], [], [3], [4, 5, 6]], "b": [[7], [8, 9], [], [0]]}
+    weights = {
+        k: [[float(10 * i + j) for j in range(len(bag))] for i, bag in enumerate(v)] for k, v in bags.items()
+    }
+    batch = JaggedBatch.from_bags(bags, weights)
+    part = batch.select_samples(1, 3)
+    expected = JaggedBatch.from_bags(
+        {k: v[1:3] for k, v in bags.items()}, {k: v[1:3] for k, v in weights.items()}
+    )
+    assert part.keys == batch.keys and part.batch_size == 2
+    for got, want in ((part.values, expected.values), (part.lengths, expected.lengths)):
+        assert got.tolist() == want.tolist() and got.dtype == want.dtype
+    assert part.weights.tolist() == expected.weights.tolist()
+    halves = [batch.select_samples(0, 2), batch.select_samples(2, 4)]
+    assert [h.bag(k, s).tolist() for h in halves for k in ("a", "b") for s in (0, 1)] == [
+        bags[k][s] for h in (0, 2) for k in ("a", "b") for s in (h, h + 1)
+    ]
+    part.values[0] = 99  # new tensors, not views of the batch's
+    assert batch.values.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
+
+
+def test_select_samples_of_nothing_and_out_of_range():
+    batch = JaggedBatch.from_bags({"a": [[1], [2, 3]]})
+    empty = batch.select_samples(1, 1)
+    assert empty.batch_size == 0 and empty.values.tolist() == [] and empty.weights is None
+    with pytest.raises(ValueError, match=r"samples \[1, 3\) are not within a batch of 2 samples"):
+        batch.select_samples(1, 3)

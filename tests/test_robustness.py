@@ -1,6 +1,8 @@
 """The robustness matrix: the catalogue, the readings, and the classification in child processes."""
 
 import json
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -113,6 +115,36 @@ def test_planted_backends_are_classified(tmp_path):
         nan = r[(f"planted-{name}", "table-value-nan")]
         assert (nan["outcome"], nan["readings"], nan["clean"]) == ("returned", ["as-given"], True)
     assert load_document(tmp_path / "r.json") == json.loads(json.dumps(doc))
+
+
+def test_a_backend_keeping_a_process_runs_its_inputs_in_one_child_restarted_after_a_crash_or_hang(tmp_path):
+    inputs = ["table-value-nan", "weight-nan", "id-too-large", "weight-inf", "id-negative", "table-value-inf"]
+    doc = run_matrix([planted("KeepsAWorker")], inputs, timeout=3.0, json_path=tmp_path / "r.json")
+    assert [b["keeps_processes"] for b in doc["backends"]] == [True]
+    r = {name: by_backend(doc)[("planted-worker", name)] for name in inputs}
+    crash, hang = r.pop("id-too-large"), r.pop("id-negative")
+    assert (crash["outcome"], crash["signal"], crash["stage"]) == ("crashed", "SIGSEGV", "lookup")
+    assert (hang["outcome"], hang["stage"]) == ("hung", "lookup") and 3.0 <= hang["seconds"] < 30
+    said = [
+        re.fullmatch(r"planted: problem (\d+) of this process, helper (\d+)", c["message"])
+        for c in r.values()
+    ]
+    counts, helpers = [int(m[1]) for m in said], [int(m[2]) for m in said]
+    # the first two in one child (one helper); a fresh child after the crash, another after the hang
+    assert counts == [1, 2, 1, 1] and helpers[0] == helpers[1] and len(set(helpers)) == 3
+    assert all(_gone(h) for h in helpers)
+
+    alone = run_matrix([planted("KeepsAWorker")], inputs[:2], timeout=3.0, process_per_case=True)
+    said = [re.fullmatch(r"planted: problem (\d+) .*", c["message"]) for c in alone["results"][2:]]
+    assert [int(m[1]) for m in said] == [1, 1] and alone["process_per_case"] is True
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
 
 def test_torch_matrix_end_to_end_streams_its_json(tmp_path):

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from harness.agreement import Oracle
-from harness.metamorphic import permute_bags, slice_batch, split_table, within
+from harness.metamorphic import permute_bags, split_table, within
 from harness.model import Pooling, Problem, TableConfig
 from harness.strategies import (
     WEIGHT_PROFILES,
@@ -184,7 +184,7 @@ def test_metamorphic_transformations_keep_the_reference(problem, seed):
 
     b = problem.batch.batch_size
     k = seed % (b + 1)
-    halves = [slice_batch(problem.batch, 0, k), slice_batch(problem.batch, k, b)]
+    halves = [problem.batch.select_samples(0, k), problem.batch.select_samples(k, b)]
     parts = [Oracle.of(problem.tables, problem.weights, h).reference.value for h in halves]
     assert torch.equal(torch.cat(parts), ref)
 

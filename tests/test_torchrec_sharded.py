@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from harness.generate import random_problem  # noqa: E402
 from harness.model import JaggedBatch, Pooling, Problem, TableConfig  # noqa: E402
 from harness.weights import make_weights  # noqa: E402
 from impls import torchrec_sharded  # noqa: E402
-from impls.torchrec_sharded_worker import sample_ranges, slice_batch  # noqa: E402
+from impls.torchrec_sharded_worker import sample_ranges  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 NAMES = tuple(f"torchrec-sharded-{s}" for s in ("tw", "rw", "cw", "twcw", "dp"))
@@ -91,7 +92,7 @@ def test_sample_ranges_cover_the_batch_in_order() -> None:
     assert sample_ranges(1, 2) == [(0, 1), (1, 1)]
     assert sample_ranges(0, 3) == [(0, 0)] * 3
     p = PROBLEMS["shared-mean-odd-rows-B7"]
-    parts = [slice_batch(p.batch, a, b) for a, b in sample_ranges(7, 2)]
+    parts = [p.batch.select_samples(a, b) for a, b in sample_ranges(7, 2)]
     assert [x.batch_size for x in parts] == [4, 3]
     assert sum(len(x.values) for x in parts) == len(p.batch.values)
     assert parts[1].bag("c", 0).tolist() == p.batch.bag("c", 4).tolist()
@@ -168,6 +169,37 @@ def test_fuzz_each_sharding_type(backends, tmp_path, name: str) -> None:
     assert failure is None, failure.describe()
     assert stats.examples == 25 and stats.agreed > 0, stats
     assert torchrec_sharded.get_pool(2).pids == pids
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_table_holding_nan_is_sharded_and_pools_to_nan(backends, name: str) -> None:
+    """NaN is a value: the shards' read-back check must not call a NaN shard different from itself."""
+    t = TableConfig("t", 6, 4, ("a",))
+    weights = make_weights([t], 1)
+    weights["t"][2, 1] = float("nan")
+    problem = Problem((t,), weights, JaggedBatch.from_bags({"a": [[2, 0], [1], [5, 2]]}))
+    verdict = check_problem([backends[name]], problem)[0]
+    assert verdict.outcome is Outcome.AGREE, verdict.detail
+
+
+def test_a_rank_left_waiting_in_a_collective_is_noticed_without_the_long_wait(backends, monkeypatch):
+    """An out-of-range id makes the rank owning the table raise in the lookup while the other waits
+    for it in torchrec's output all-to-all; that rank must be seen idle, not waited for."""
+    monkeypatch.setattr(torchrec_sharded, "AFTER_ERROR_S", 600.0)
+    pids = torchrec_sharded.get_pool(2).pids
+    p = PROBLEMS["batch-1"]  # table "third": 5 rows, on rank 0 under the table-wise plan
+    lookup = backends["torchrec-sharded-tw"].prepare(p.tables, p.weights)
+    bad = JaggedBatch.from_bags({"d": [[1], [7]]})
+    with pytest.raises(RuntimeError) as raised:
+        lookup(bad)
+    first, _, rest = str(raised.value).partition("\n")
+    assert first.endswith("; the rank pool was stopped and restarts with the next prepare."), first
+    raising = re.match(r"torchrec-sharded \(2 ranks\) failed while looking up: rank (\d) raised \w", first)
+    waiting = re.search(r"ranks \[(\d)\] sat idle", rest)
+    assert raising and waiting and {raising[1], waiting[1]} == {"0", "1"}, str(raised.value)
+    assert all(_gone(pid) for pid in pids)
+    again = backends["torchrec-sharded-tw"].prepare(p.tables, p.weights)(_two(p.batch))
+    assert again.shape == (2, 4) and torchrec_sharded.get_pool(2).pids != pids
 
 
 def test_a_dead_rank_stops_the_pool_and_leaves_no_child(backends) -> None:
