@@ -158,6 +158,10 @@ class NumbaLookup:
             raise ValueError(
                 f"{what} {value} for feature {batch.keys[pos // b]!r}, sample {pos % b} (lengths[{pos}])"
             )
+        if code == k.NO_LOOP:
+            raise RuntimeError(
+                f"numba kernel bug: no generated loop for storage kind {value}, column block {limit}"
+            )
         if code == k.LENGTHS_MISMATCH:
             raise ValueError(f"sum(lengths) = {value} but values has {limit} ids")
         ends = torch.cumsum(batch.lengths.to(torch.int64), 0)

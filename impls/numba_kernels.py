@@ -29,13 +29,14 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from impls.numba_codegen import KIND_BF16, KIND_F16, KIND_F32, MAX_WIDTH, pool_block
+from impls.numba_codegen import KIND_BF16, KIND_F16, KIND_F32, MAX_WIDTH, UNKNOWN_BLOCK, pool_block
 
 # Error codes written to ``err[0]`` (``err[1:4]`` = position, value, limit), read by the adapter.
 OK = 0
 BAD_LENGTH = 1
 LENGTHS_MISMATCH = 2
 BAD_ID = 3
+NO_LOOP = 4  # no generated loop for a table's (storage kind, block width): a bug, not bad input
 
 __all__ = ["KIND_BF16", "KIND_F16", "KIND_F32", "pool"]
 
@@ -182,8 +183,14 @@ def pool(
                     out_stride,
                 )
                 done += width
-                if first_bad >= 0 and (bad[c] < 0 or first_bad < bad[c]):
+                if first_bad == UNKNOWN_BLOCK:
+                    err[0] = NO_LOOP  # every thread that gets here writes the same value
+                    err[2] = kind
+                    err[3] = width
+                elif first_bad >= 0 and (bad[c] < 0 or first_bad < bad[c]):
                     bad[c] = first_bad
+    if err[0] == NO_LOOP:
+        return
     first = _first_error(bad)
     if first >= 0:
         err[0] = BAD_ID

@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,6 +121,15 @@ def test_every_column_block_agrees(backend, dtype):
         table(t.name, t.num_embeddings, t.embedding_dim, t.feature_names, Pooling.MEAN, dtype) for t in tables
     ]
     assert_agrees(backend, mean, weights, bags_batch(mean, 9, 3))
+
+
+def test_a_block_without_a_loop_raises_instead_of_leaving_output_unwritten(backend):
+    """The generated dispatcher's default case (no loop for a storage kind) is an error, not a skip."""
+    tables = [table("a", 5, 4, ["x"])]
+    lookup = backend.prepare(tables, make_weights(tables, seed=1))
+    lookup.table_kind = np.array([7], np.int64)
+    with pytest.raises(RuntimeError, match="no generated loop for storage kind 7, column block 4"):
+        lookup(bags_batch(tables, 3, seed=1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
