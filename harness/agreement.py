@@ -11,9 +11,9 @@ import torch
 from harness.backend import Backend
 from harness.cases import Case, known_discrepancy
 from harness.model import JaggedBatch, Problem, TableConfig
+from harness.reference.forward import ReferenceResult, reference_pool
 from harness.tolerance import Comparison, compare, error_bound
 from harness.validate import IdPolicy, validate_problem
-from impls.reference import ReferenceResult, reference_pool
 
 
 class Outcome(str, enum.Enum):

@@ -299,12 +299,3 @@ def save_case(case: Case, directory: Path) -> Path:
     os.replace(tmp, path)
     case.path = path
     return path
-
-
-def replay_case(case: Case, backends: Sequence[object] | None = None) -> list:
-    """Run the case's problem through its backend (or ``backends``); a list of verdicts."""
-    from harness.agreement import check_problem
-    from harness.backend import load_backend
-
-    chosen = list(backends) if backends is not None else [load_backend(case.backend)]
-    return check_problem(chosen, case.problem, id_policy=case.problem.metadata.get("id_policy", "reject"))

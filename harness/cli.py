@@ -1,7 +1,8 @@
 """The ``jagbench`` command line: one parser, one function per command, heavy imports inside.
 
-Exit codes (DESIGN.md): 0 success / all agree, 1 a disagreement or regression was found,
-2 a usage or setup error.
+Each capability registers its own commands (``harness/<capability>/cli.py``, argument parsing
+only); what they share is `harness.command_line`. Exit codes (DESIGN.md): 0 success / all agree,
+1 a disagreement or regression was found, 2 a usage or setup error.
 """
 
 from __future__ import annotations
@@ -10,28 +11,26 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from harness.cli_args import add_backend_option, load_backends
+from harness.bench.cli import add_commands as add_bench_commands
+from harness.command_line import (
+    EXIT_FOUND,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    add_backend_option,
+    load_backends,
+    progress_line,
+)
+from harness.fuzz.cli import add_commands as add_fuzz_commands
+from harness.report.cli import add_commands as add_report_commands
+from harness.robustness.cli import add_commands as add_robustness_commands
 
-EXIT_OK = 0
-EXIT_FOUND = 1
-EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """A command-line or setup problem: printed without a traceback, exit code 2."""
-
-
-def _progress(message: str) -> None:
-    """One updating line on a terminal; plain lines in a log."""
-    if sys.stderr.isatty():
-        print(f"\r{message}", end="", file=sys.stderr, flush=True)
-    else:
-        print(message, file=sys.stderr, flush=True)
+__all__ = ["EXIT_FOUND", "EXIT_OK", "EXIT_USAGE", "UsageError", "build_parser", "main"]
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
     from harness.backend import backend_statuses
-    from harness.table import markdown_table
+    from harness.markdown import markdown_table
 
     rows = [
         [s.name, "yes" if s.available else "no", s.summary if s.available else s.reason]
@@ -45,7 +44,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from harness.smoke import format_smoke, smoke_check
 
     backends = load_backends(args.backend)
-    summary = smoke_check(backends, range(args.seed, args.seed + args.problems), progress=_progress)
+    summary = smoke_check(backends, range(args.seed, args.seed + args.problems), progress=progress_line)
     print(file=sys.stderr)
     print(format_smoke(summary))
     return EXIT_FOUND if summary.failed else EXIT_OK
@@ -67,16 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the first problem (default 0)")
     p.set_defaults(func=cmd_check)
 
-    from harness.bench_cli import add_commands as add_bench_commands
-
     add_bench_commands(sub)
-
-    from harness.fuzz_cli import add_commands as add_fuzz_commands
-
+    add_report_commands(sub)
     add_fuzz_commands(sub)
-
-    from harness.robustness_cli import add_commands as add_robustness_commands
-
     add_robustness_commands(sub)
     return parser
 

@@ -1,6 +1,6 @@
 """A seeded generator of small random problems, for smoke checks that need no Hypothesis.
 
-The fuzzer (`harness.strategies`) explores far more of the input space; this module gives the
+The fuzzer (`harness.fuzz.strategies`) explores far more of the input space; this module gives the
 same few problems on every run so a quick check is repeatable.
 """
 

@@ -10,7 +10,7 @@ from harness.agreement import Outcome, Verdict, check_problem, mark_known
 from harness.backend import Backend
 from harness.cases import load_cases
 from harness.generate import random_problem
-from harness.table import markdown_table
+from harness.markdown import markdown_table
 
 
 @dataclass

@@ -78,7 +78,8 @@ def cmd_env(out: Path) -> int:
 def cmd_fuzz(out: Path, seconds: float, backends: list[str]) -> int:
     """Fallback fuzz step: the fuzz driver's Python API, saving failures under OUTDIR/regressions."""
     from harness.backend import load_backend
-    from harness.fuzz import format_report, fuzz
+    from harness.fuzz.driver import fuzz
+    from harness.fuzz.format import format_report
 
     chosen = [load_backend(b) for b in backends]
     report = fuzz(
@@ -125,7 +126,7 @@ def _cache_weights() -> None:
     dtype, so casting one cached float32 draw gives bit-identical weights: the five GPU workloads
     share 8 tables x 2,000,000 x 128 values, and drawing them takes most of this step otherwise.
     """
-    import harness.workloads as hw
+    import harness.bench.workloads as hw
     from harness.model import TableConfig
     from harness.weights import make_weights
 
@@ -159,8 +160,8 @@ def _time(lookup: Any, batch: Any) -> float:
 
 def cmd_kernels(out: Path, workloads: list[str], tune_seconds: float) -> int:
     from harness.backend import load_backend
-    from harness.metrics import BYTE_MODEL, byte_model
-    from harness.workloads import get_workloads
+    from harness.bench.metrics import BYTE_MODEL, byte_model
+    from harness.bench.workloads import get_workloads
     from impls.triton_fused import Tuning
 
     data: dict[str, Any] = {

@@ -11,13 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from harness.cli import main
-from harness.compare import compare_runs
-from harness.metrics import byte_model
-from harness.model import JaggedBatch, TableConfig
-from harness.report import write_report
-from harness.runs import load_run
-from harness.workloads import (
+from harness.bench.compare import compare_runs
+from harness.bench.metrics import byte_model
+from harness.bench.runs import load_run
+from harness.bench.workloads import (
     STANDARD,
     WorkloadError,
     WorkloadTooLarge,
@@ -26,6 +23,9 @@ from harness.workloads import (
     load_workloads,
     workloads_from_json,
 )
+from harness.cli import main
+from harness.model import JaggedBatch, TableConfig
+from harness.report.document import write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,7 @@ EXPECTED = {"agree": Outcome.AGREE, "disagree": Outcome.DISAGREE, "raised": Outc
 
 @pytest.mark.parametrize("path", case_files(), ids=lambda p: p.stem)
 def test_saved_case_replays_as_expected(path):
-    from harness.cases import replay_case
+    from harness.fuzz.replay import replay_case
 
     case = load_case(path)
     try:

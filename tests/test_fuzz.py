@@ -12,8 +12,9 @@ from harness.agreement import Outcome
 from harness.backend import load_backend
 from harness.cases import load_case, load_cases
 from harness.cli import main
-from harness.fuzz import format_report, fuzz, fuzz_backend
-from harness.replay import replay
+from harness.fuzz.driver import fuzz, fuzz_backend
+from harness.fuzz.format import format_failure, format_report
+from harness.fuzz.replay import replay
 
 CATCH_BUDGET_S = 60
 
@@ -130,7 +131,7 @@ def test_failure_text_names_the_worst_element(tmp_path, known):
     stats, failure = fuzz_backend(
         LastBagDropped(), max_examples=100, seed=0, save_dir=tmp_path, known=known, shrink_budget=3
     )
-    text = failure.describe()
+    text = format_failure(failure)
     for needle in (
         "tables (in output column order)",
         "batch: keys",
@@ -158,7 +159,7 @@ class _WrongUnlessSorted(VectorPool):
 
 
 def test_metamorphic_relation_finds_the_transformed_counterexample(known):
-    from harness.fuzz import check_relation, judge
+    from harness.fuzz.driver import check_relation, judge
     from harness.model import JaggedBatch, Problem, TableConfig
 
     tables = (TableConfig("t", 4, 2, ("f",)),)

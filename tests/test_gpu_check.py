@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("triton")
 
-import harness.workloads as hw  # noqa: E402
+import harness.bench.workloads as hw  # noqa: E402
 from harness.model import TableConfig  # noqa: E402
 from harness.weights import make_weights  # noqa: E402
 

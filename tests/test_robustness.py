@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from harness.cli import EXIT_FOUND, EXIT_OK, main
-from harness.robustness import OUTCOMES, control_inputs, load_document, run_matrix, unclean_own
-from harness.robustness_inputs import READINGS, build_base, build_input, load_catalogue, reading_results
-from harness.robustness_report import render_markdown
+from harness.robustness.inputs import READINGS, build_base, build_input, load_catalogue, reading_results
+from harness.robustness.matrix import OUTCOMES, control_inputs, load_document, run_matrix, unclean_own
+from harness.robustness.render import render_markdown
 from harness.validate import ProblemError, validate_problem
 
 PLANTED = Path(__file__).with_name("robustness_planted.py")

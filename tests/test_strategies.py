@@ -7,9 +7,8 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from harness.agreement import Oracle
-from harness.metamorphic import permute_bags, split_table, within
-from harness.model import Pooling, Problem, TableConfig
-from harness.strategies import (
+from harness.fuzz.metamorphic import permute_bags, split_table, within
+from harness.fuzz.strategies import (
     WEIGHT_PROFILES,
     jagged_batches,
     make_profile_weights,
@@ -18,6 +17,7 @@ from harness.strategies import (
     table_configs,
     table_weights,
 )
+from harness.model import Pooling, Problem, TableConfig
 from harness.validate import validate_problem
 
 T = TableConfig("t", 10, 3, ("a", "b"), Pooling.MEAN)

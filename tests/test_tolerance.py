@@ -4,9 +4,9 @@ import torch
 
 from harness.agreement import Outcome, check_agreement
 from harness.model import JaggedBatch, Pooling, TableConfig
+from harness.reference.forward import reference_pool
 from harness.tolerance import U32, compare, error_bound, gamma
 from harness.weights import make_weights
-from impls.reference import reference_pool
 
 
 def test_gamma_matches_its_definition_and_saturates():

@@ -160,13 +160,14 @@ def _two(batch: JaggedBatch) -> JaggedBatch:
 @pytest.mark.parametrize("name", NAMES)
 def test_fuzz_each_sharding_type(backends, tmp_path, name: str) -> None:
     """A bounded differential fuzz run per plan, the rank pool kept across examples."""
-    from harness.fuzz import fuzz_backend
+    from harness.fuzz.driver import fuzz_backend
+    from harness.fuzz.format import format_failure
 
     pids = torchrec_sharded.get_pool(2).pids
     stats, failure = fuzz_backend(
         backends[name], max_examples=25, seed=8, save_dir=tmp_path, known=KNOWN, shrink_budget=20
     )
-    assert failure is None, failure.describe()
+    assert failure is None, format_failure(failure)
     assert stats.examples == 25 and stats.agreed > 0, stats
     assert torchrec_sharded.get_pool(2).pids == pids
 

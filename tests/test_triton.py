@@ -177,8 +177,8 @@ def test_registered_as_triton() -> None:
 
 def test_fuzz_driver_finds_no_disagreement(tmp_path) -> None:
     """The fuzz driver on ``triton``, kept small: the interpreter runs each program in Python."""
-    from harness.fuzz import fuzz_backend
-    from harness.strategies import problems, table_configs
+    from harness.fuzz.driver import fuzz_backend
+    from harness.fuzz.strategies import problems, table_configs
 
     small = problems(
         tables=table_configs(max_tables=3, max_features_per_table=2, max_dim=40, max_num_embeddings=2000),
@@ -237,7 +237,7 @@ def test_kernel_compiles_for_a_hopper_gpu_with_vector_loads(ids: str, weights: d
 @pytest.mark.slow
 def test_fuzz_driver_on_the_default_strategy(tmp_path) -> None:
     """The fuzz driver's own problem space, 150 examples: 20 s on an idle machine, minutes on a busy one."""
-    from harness.fuzz import fuzz_backend
+    from harness.fuzz.driver import fuzz_backend
 
     stats, failure = fuzz_backend(TritonFused(), max_examples=150, seed=1, save_dir=tmp_path)
     assert failure is None, failure.verdict.detail

@@ -23,15 +23,15 @@ from typing import Any
 
 import torch
 
-from harness.cases import table_from_json
+from harness.cases import CASES_DIR, table_from_json
 from harness.model import JaggedBatch, TableConfig, dtype_name
+from harness.reference.forward import reference_pool
 from harness.tolerance import compare, error_bound
 from harness.validate import ProblemError, validate_batch_layout
 from harness.weights import make_weights
-from impls.reference import reference_pool
 
 FORMAT = "jagbench-robustness-inputs/1"
-CATALOGUE = Path(__file__).resolve().parent.parent / "cases" / "robustness" / "inputs.json"
+CATALOGUE = CASES_DIR / "robustness" / "inputs.json"
 CLEAN_EXPECTATIONS = ("raise", "as-given")
 _DTYPES = {
     name: getattr(torch, name)

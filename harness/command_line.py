@@ -1,9 +1,17 @@
-"""Argument helpers shared by the ``jagbench`` commands: positive numbers, ``--backend``, and
-turning the chosen backend specs into backends (a spec that does not load is a usage error)."""
+"""What every ``jagbench`` command shares: exit codes, `UsageError`, argument helpers (positive
+numbers, ``--backend``), turning backend specs into backends, and the progress line.
+
+Every command module (``harness/*/cli.py``) imports this one; it imports none of them, nor the
+top-level parser (`harness.cli`), so there is no circle through the command line.
+
+Exit codes (DESIGN.md): 0 success / all agree, 1 a disagreement or regression was found,
+2 a usage or setup error.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
@@ -11,6 +19,23 @@ if TYPE_CHECKING:  # the parser is built without importing torch
     from harness.backend import Backend
 
 N = TypeVar("N", int, float)
+
+EXIT_OK = 0
+EXIT_FOUND = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A command-line or setup problem: printed without a traceback, exit code 2."""
+
+
+def progress_line(message: str) -> None:
+    """One updating line on a terminal; plain lines in a log."""
+    if sys.stderr.isatty():
+        print(f"\r{message}", end="", file=sys.stderr, flush=True)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
 
 BACKEND_HELP = "a built-in name, module:ATTR or file.py:ATTR (repeatable; default: {default})"
 
@@ -45,10 +70,9 @@ def add_backend_option(parser: argparse.ArgumentParser, default: str, help: str 
 def load_backends(specs: Sequence[str] | None, *, with_reference: bool = False) -> list[Backend]:
     """The backends named by ``specs``, or every available one (the reference only when asked).
 
-    Raises `harness.cli.UsageError` naming the spec that is unknown or unavailable.
+    Raises `UsageError` naming the spec that is unknown or unavailable.
     """
     from harness.backend import BackendSpecError, BackendUnavailable, available_backends, load_backend
-    from harness.cli import UsageError
 
     if not specs:
         return [b for b in available_backends() if with_reference or b.name != "reference"]

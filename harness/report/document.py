@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.bench.metrics import BYTE_MODEL
+from harness.bench.runs import Run
 from harness.cases import CASES_DIR, load_cases
-from harness.metrics import BYTE_MODEL
-from harness.runs import Run
-from harness.table import markdown_table
+from harness.markdown import markdown_table
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness.cli_args import add_backend_option, load_backends, positive
+from harness.command_line import (
+    EXIT_FOUND,
+    EXIT_OK,
+    UsageError,
+    add_backend_option,
+    load_backends,
+    positive,
+    progress_line,
+)
 
 
 def _backends_with_labels(specs: list[str] | None) -> tuple[list, list[str]]:
@@ -25,8 +33,8 @@ def _backends_with_labels(specs: list[str] | None) -> tuple[list, list[str]]:
 
 def cmd_fuzz(args: argparse.Namespace) -> int:
     from harness.cases import CaseError, load_cases
-    from harness.cli import EXIT_FOUND, EXIT_OK, UsageError, _progress
-    from harness.fuzz import format_report, fuzz
+    from harness.fuzz.driver import fuzz
+    from harness.fuzz.format import format_report
 
     backends, labels = _backends_with_labels(args.backend)
     if not backends:
@@ -48,7 +56,7 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
         known=known,
         shrink_budget=args.shrink_budget,
         threads=None if args.threads == 0 else args.threads,
-        progress=_progress,
+        progress=progress_line,
     )
     print(file=sys.stderr)
     print(format_report(report))
@@ -58,8 +66,7 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from harness.backend import BackendSpecError, BackendUnavailable
     from harness.cases import CaseError, load_case
-    from harness.cli import EXIT_FOUND, EXIT_OK, UsageError
-    from harness.replay import format_replay, replay
+    from harness.fuzz.replay import format_replay, replay
 
     try:
         cases = [load_case(p) for p in args.cases]
@@ -75,7 +82,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from harness.fuzz import REGRESSIONS_DIR
+    from harness.fuzz.driver import REGRESSIONS_DIR
 
     p = sub.add_parser(
         "fuzz",

@@ -11,17 +11,16 @@ import signal
 import sys
 from pathlib import Path
 
-from harness.cli_args import add_backend_option, positive
+from harness.command_line import EXIT_FOUND, EXIT_OK, UsageError, add_backend_option, positive, progress_line
 
 DEFAULT_JSON = Path("reports/robustness.json")
 
 
 def cmd_robustness(args: argparse.Namespace) -> int:
     from harness.backend import BackendSpecError, builtin_names
-    from harness.cli import EXIT_FOUND, EXIT_OK, UsageError, _progress
-    from harness.robustness import OWN_BACKENDS, run_matrix, unclean_own
-    from harness.robustness_inputs import CatalogueError, load_catalogue
-    from harness.robustness_report import render_markdown
+    from harness.robustness.inputs import CatalogueError, load_catalogue
+    from harness.robustness.matrix import OWN_BACKENDS, run_matrix, unclean_own
+    from harness.robustness.render import render_markdown
 
     try:
         catalogue = load_catalogue()
@@ -40,7 +39,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             jobs=args.jobs,
             json_path=json_path,
-            progress=_progress,
+            progress=progress_line,
             process_per_case=args.process_per_case,
         )
     except BackendSpecError as e:

@@ -3,7 +3,7 @@
 Use them in your own tests the way Hypothesis's own strategies are used::
 
     from hypothesis import given
-    from harness.strategies import problems
+    from harness.fuzz.strategies import problems
 
     @given(problems(max_tables=2, dtypes=[torch.float32]))
     def test_my_kernel(problem): ...

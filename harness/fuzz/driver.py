@@ -1,21 +1,18 @@
 """The fuzz driver: Hypothesis generates problems, every backend is judged against the reference.
 
-For each backend, one Hypothesis property runs on `harness.strategies.problems`:
+For each backend, one Hypothesis property runs on `harness.fuzz.strategies.problems`:
 
 1. validate the problem (the strategies only make valid ones: a rejection is a harness bug);
 2. compute the reference and its bound once (`Oracle`) and judge the backend (`check_backend`:
    type, shape, dtype, columns, every element under the bound, no input mutated, no exception);
 3. a disagreement that a known-discrepancy case explains (`mark_known`) is counted as *known*;
-4. on some examples, also one metamorphic relation (`harness.metamorphic`), which needs no
+4. on some examples, also one metamorphic relation (`harness.fuzz.metamorphic`), which needs no
    reference value;
 5. a failure is shrunk by Hypothesis, printed readably (`format_failure`) and saved as a
    self-contained regression case under ``cases/regressions/`` (``save_dir``).
 
 Shrunk cases are stored as data (``harness.cases`` JSON), never as ``@reproduce_failure`` blobs or
-in ``.hypothesis/``: the profiles below turn the example database off.
-
-Settings come as named Hypothesis profiles (`register_profiles`): ``ci`` (bounded, derandomized:
-the test suite), ``dev`` (quick) and ``campaign`` (unbounded examples, limited by a time budget).
+in ``.hypothesis/``: the profiles (`harness.fuzz.profiles`) turn the example database off.
 """
 
 from __future__ import annotations
@@ -24,51 +21,28 @@ import hashlib
 import json
 import re
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from hypothesis import HealthCheck, Verbosity, given, settings, target
+from hypothesis import Verbosity, given, settings, target
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
 from harness.agreement import Oracle, Outcome, Verdict, check_backend, mark_known
 from harness.backend import Backend
 from harness.cases import CASES_DIR, Case, load_cases, problem_to_json, save_case
-from harness.metamorphic import RELATIONS, transformed_results, within
-from harness.model import Problem, dtype_name, output_columns
-from harness.strategies import problems
-from harness.table import markdown_table
+from harness.fuzz.metamorphic import RELATIONS, transformed_results, within
+from harness.fuzz.profiles import register_profiles
+from harness.fuzz.results import BackendStats, Failure, FuzzReport
+from harness.fuzz.strategies import problems
+from harness.model import Problem
 from harness.validate import validate_problem
 
 REGRESSIONS_DIR = CASES_DIR / "regressions"
-SUPPRESSED_HEALTH_CHECKS = [
-    HealthCheck.too_slow,
-    HealthCheck.data_too_large,
-    HealthCheck.filter_too_much,
-    HealthCheck.large_base_example,
-]
 Progress = Callable[[str], None]
-
-
-def register_profiles() -> None:
-    """Register the Hypothesis profiles ``ci``, ``dev`` and ``campaign`` (idempotent).
-
-    ``ci``: 60 examples, derandomized, no deadline, no example database: the same run every time.
-    ``campaign``: as many examples as a time budget allows (the driver stops it), no database.
-    """
-    common = {
-        "deadline": None,
-        "database": None,
-        "print_blob": False,
-        "suppress_health_check": SUPPRESSED_HEALTH_CHECKS,
-    }
-    settings.register_profile("ci", max_examples=60, derandomize=True, **common)
-    settings.register_profile("dev", max_examples=20, **common)
-    settings.register_profile("campaign", max_examples=10**9, **common)
 
 
 class BackendFailure(AssertionError):
@@ -85,51 +59,6 @@ class _Unsupported(Exception):
 
 class _Stop(BaseException):
     """Ends a Hypothesis run cleanly when the time budget is spent (not an Exception: not shrunk)."""
-
-
-@dataclass
-class BackendStats:
-    """What one backend's fuzz run saw (examples up to the first failure; shrinking not counted)."""
-
-    backend: str
-    examples: int = 0
-    agreed: int = 0
-    known: int = 0
-    unsupported: int = 0
-    failed: int = 0
-    metamorphic: int = 0
-    worst_ratio: float = 0.0
-    seconds: float = 0.0
-    known_cases: Counter = field(default_factory=Counter)
-
-    @property
-    def examples_per_second(self) -> float:
-        return self.examples / self.seconds if self.seconds > 0 else 0.0
-
-
-@dataclass
-class Failure:
-    """A shrunk failure: the problem, the verdict on it, how it was found, where it was saved."""
-
-    backend: str
-    problem: Problem
-    verdict: Verdict
-    found_by: str
-    seconds_to_find: float
-    case_path: Path | None = None
-
-    def describe(self) -> str:
-        return format_failure(self)
-
-
-@dataclass
-class FuzzReport:
-    stats: list[BackendStats]
-    failures: list[Failure]
-
-    @property
-    def failed(self) -> bool:
-        return bool(self.failures)
 
 
 def _run_backend(backend: Backend, problem: Problem) -> torch.Tensor | None:
@@ -439,115 +368,3 @@ def fuzz(
         if failure is not None:
             failures.append(failure)
     return FuzzReport(stats, failures)
-
-
-# ---------------------------------------------------------------------------------------------
-# Printing
-
-
-def _floats(xs: Sequence[float], limit: int = 8) -> str:
-    shown = ", ".join(f"{x:.6g}" for x in xs[:limit])
-    return f"[{shown}{', ...' if len(xs) > limit else ''}]"
-
-
-def format_problem(problem: Problem, *, max_ids: int = 16, max_rows: int = 8) -> str:
-    """Tables, bags (with per-sample weights) and the rows the bags touch, as readable lines."""
-    batch = problem.batch
-    lines = ["tables (in output column order):"]
-    for t in problem.tables:
-        lines.append(
-            f"  {t.name}: {t.num_embeddings} rows x dim {t.embedding_dim}, {dtype_name(t.dtype)}, "
-            f"{t.pooling.value.upper()}, features {list(t.feature_names)}"
-        )
-    weighted = "with per-sample weights" if batch.weights is not None else "no per-sample weights"
-    lines.append(
-        f"batch: keys {list(batch.keys)}, batch size {batch.batch_size}, "
-        f"ids {dtype_name(batch.values.dtype)}, {weighted}"
-    )
-    b = batch.batch_size
-    offsets = batch.offsets.tolist()
-    ids = batch.values.tolist()
-    ws = batch.weights.tolist() if batch.weights is not None else None
-    touched: dict[str, set[int]] = {}
-    table_of = {f: t.name for t in problem.tables for f in t.feature_names}
-    for f, key in enumerate(batch.keys):
-        for s in range(b):
-            lo, hi = offsets[f * b + s], offsets[f * b + s + 1]
-            bag = ids[lo:hi]
-            touched.setdefault(table_of[key], set()).update(bag)
-            text = f"  {key}[{s}] = {bag[:max_ids]}{' ...' if len(bag) > max_ids else ''} ({len(bag)} ids)"
-            if ws is not None and bag:
-                text += f" weights {_floats(ws[lo:hi], max_ids)}"
-            lines.append(text)
-    lines.append("table rows used:")
-    for t in problem.tables:
-        rows = sorted(touched.get(t.name, ()))
-        w = problem.weights[t.name]
-        for r in rows[:max_rows]:
-            lines.append(f"  {t.name}[{r}] = {_floats(w[r].to(torch.float64).tolist())}")
-        if len(rows) > max_rows:
-            lines.append(f"  ... {len(rows) - max_rows} more rows of {t.name}")
-    return "\n".join(lines)
-
-
-def describe_element(problem: Problem, index: tuple[int, ...]) -> str:
-    """``sample s, column c = feature f (table t), element j of its dim`` for an output index."""
-    sample, col = index
-    for table, feature, first, dim in output_columns(problem.tables):
-        if first <= col < first + dim:
-            where = f"feature {feature!r} (table {table!r}), element {col - first}"
-            return f"sample {sample}, column {col} = {where}"
-    return f"sample {sample}, column {col}"
-
-
-def format_failure(failure: Failure) -> str:
-    v = failure.verdict
-    lines = [
-        f"## {failure.backend}: {v.outcome.value}, found by {failure.found_by} "
-        f"after {failure.seconds_to_find:.1f} s",
-        f"{v.detail}",
-        format_problem(failure.problem),
-    ]
-    c = v.comparison
-    if c is not None and c.worst_index is not None:
-        lines.append(
-            f"worst element: {describe_element(failure.problem, c.worst_index)}: got {c.worst_value!r}, "
-            f"reference {c.worst_reference!r}, bound {c.worst_bound:.3g}, error/bound {c.worst_ratio:.3g}"
-        )
-    if failure.case_path is not None:
-        lines.append(f"saved as {failure.case_path}; rerun with: jagbench replay {failure.case_path}")
-    return "\n".join(lines)
-
-
-def format_report(report: FuzzReport) -> str:
-    """A Markdown table per backend, then every failure in full."""
-    headers = [
-        "backend",
-        "examples",
-        "agreed",
-        "known",
-        "unsupported",
-        "failed",
-        "worst error/bound",
-        "examples/s",
-    ]
-    rows = [
-        [
-            s.backend,
-            s.examples,
-            s.agreed,
-            s.known,
-            s.unsupported,
-            s.failed,
-            f"{s.worst_ratio:.3g}",
-            f"{s.examples_per_second:.1f}",
-        ]
-        for s in report.stats
-    ]
-    text = markdown_table(headers, rows)
-    for s in report.stats:
-        for name, n in sorted(s.known_cases.items()):
-            text += f"\n- {s.backend}: {n} examples explained by known discrepancy {name!r}"
-    for f in report.failures:
-        text += "\n\n" + format_failure(f)
-    return text

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from harness.runs import Run
-from harness.table import markdown_table
+from harness.bench.runs import Run
+from harness.markdown import markdown_table
 
 RESAMPLES = 2000
 SEED = 20240601

@@ -1,4 +1,4 @@
-"""The robustness matrix as Markdown, from its JSON document alone (`harness.robustness`)."""
+"""The robustness matrix as Markdown, from its JSON document alone (`harness.robustness.matrix`)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from harness.robustness import CaseResult, load_document
-from harness.table import markdown_table
+from harness.markdown import markdown_table
+from harness.robustness.matrix import CaseResult, load_document
 
 LEGEND = (
     "Cells: `raises` = a Python exception (type and message below); `silent: R` = returned a result "

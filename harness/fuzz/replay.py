@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from harness.agreement import Outcome, Verdict, mark_known
+from harness.agreement import Outcome, Verdict, check_problem, mark_known
 from harness.backend import Backend, BackendUnavailable, load_backend
-from harness.cases import Case, load_cases, replay_case
-from harness.fuzz import Failure, format_failure
-from harness.table import markdown_table
+from harness.cases import Case, load_cases
+from harness.fuzz.format import format_failure
+from harness.fuzz.results import Failure
+from harness.markdown import markdown_table
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,12 @@ class ReplayResult:
             and self.verdict.outcome is Outcome.UNSUPPORTED
             and (self.verdict.backend != self.case.backend)
         )
+
+
+def replay_case(case: Case, backends: Sequence[object] | None = None) -> list:
+    """Run the case's problem through its backend (or ``backends``); a list of verdicts."""
+    chosen = list(backends) if backends is not None else [load_backend(case.backend)]
+    return check_problem(chosen, case.problem, id_policy=case.problem.metadata.get("id_policy", "reject"))
 
 
 def replay(

@@ -1,7 +1,7 @@
 """The robustness matrix: each backend fed each malformed input, with nothing to protect it.
 
-Each (backend, input) runs in a child process (`harness.robustness_runner`): the child builds the
-input from the catalogue (`harness.robustness_inputs`), calls ``backend.prepare(tables,
+Each (backend, input) runs in a child process (`harness.robustness.runner`): the child builds the
+input from the catalogue (`harness.robustness.inputs`), calls ``backend.prepare(tables,
 weights)(batch)`` directly (no `harness.validate`), compares the bytes of every input tensor
 before and after, and sends back what happened. The parent enforces each case's time limit and
 classifies:
@@ -45,7 +45,7 @@ import torch
 
 from harness.backend import BackendSpecError
 from harness.model import total_dim
-from harness.robustness_inputs import (
+from harness.robustness.inputs import (
     Catalogue,
     MalformedInput,
     ReadingResult,
@@ -55,7 +55,7 @@ from harness.robustness_inputs import (
     matching_readings,
     reading_results,
 )
-from harness.robustness_runner import Finished, Task, log_summary, run_isolated
+from harness.robustness.runner import Finished, Task, log_summary, run_isolated
 
 FORMAT = "jagbench-robustness/1"
 OWN_BACKENDS = ("numba", "triton")

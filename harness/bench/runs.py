@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.bench.derived import add_derived
+
 
 class RunError(ValueError):
     """A file that is not a readable jagbench / pytest-benchmark run; names the file and why."""
@@ -53,8 +55,6 @@ def _key(b: dict[str, Any], where: str) -> tuple[str, str]:
 
 def load_run(path: str | Path) -> Run:
     """A run from ``RUN.json`` or ``RUN.json.partial.jsonl`` (given either; the JSON wins if both exist)."""
-    from harness.bench import add_derived
-
     path = Path(path)
     partial = path if path.name.endswith(".partial.jsonl") else path.with_name(path.name + ".partial.jsonl")
     if not path.name.endswith(".partial.jsonl") and path.exists():

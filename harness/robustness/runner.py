@@ -11,7 +11,7 @@ of every input tensor before and after, and reports over a pipe:
   another, then ``("end",)``;
 - the probe: ``("available", name)`` or ``("unavailable", why)`` or ``("error", why)``, then
   ``("controls", {base: what happened})`` and ``("processes", [pids])``: the processes the backend
-  started and kept (a rank pool, say), which decides how its inputs are run (`harness.robustness`).
+  started and kept (a rank pool, say), which decides how its inputs are run (`harness.robustness.matrix`).
 
 The parent holds every case to its own time limit, from its ``start``. A child that dies during a
 case is that case's crash, one still running at the limit is that case's hang (killed with its
@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from harness.backend import BUILTIN_BACKENDS, BackendSpecError, BackendUnavailable, load_backend
-from harness.robustness_inputs import RawProblem, build_base, build_input, load_catalogue
+from harness.robustness.inputs import RawProblem, build_base, build_input, load_catalogue
 
 _STAGE_MARK = "jagbench-robustness-stage:"
 _CASE_MARK = "jagbench-robustness-case:"
@@ -260,7 +260,7 @@ def preload_modules(specs: Sequence[str]) -> list[str]:
     so those libraries are named here too when such a backend is asked for; the forkserver skips
     any that is not installed.
     """
-    modules = ["torch", "numpy", "harness.robustness_runner", "impls.reference"]
+    modules = ["torch", "numpy", "harness.robustness.runner", "impls.reference"]
     targets = {b.name: b.target for b in BUILTIN_BACKENDS}
     for spec in specs:
         target = targets.get(spec, spec)

@@ -1,6 +1,6 @@
 """The pytest-benchmark suite that `jagbench bench` runs: one test per (backend, workload).
 
-Not collected by the repository's own tests (it lives outside ``tests/``); `harness.bench.run_bench`
+Not collected by the repository's own tests (it lives outside ``tests/``); `harness.bench.runner.run_bench`
 runs it with a `harness.bench.BenchPlugin` that parametrises ``case``. Per case:
 
 1. ``supports`` -- an unsupported case is skipped and recorded, not failed;
@@ -23,13 +23,13 @@ import pytest
 import torch
 
 from harness.agreement import Oracle, Outcome, Verdict, mark_known
-from harness.bench import BenchPlugin, synchronize_for
+from harness.bench.metrics import BYTE_MODEL, byte_model
+from harness.bench.runner import BenchPlugin, synchronize_for
+from harness.bench.workloads import case_fits
 from harness.cases import load_cases
-from harness.metrics import BYTE_MODEL, byte_model
 from harness.model import JaggedBatch, Problem, total_dim
 from harness.tolerance import compare
 from harness.validate import validate_problem
-from harness.workloads import case_fits
 
 pytestmark = pytest.mark.benchmark_suite
 

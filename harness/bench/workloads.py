@@ -24,11 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from harness.cases import CASES_DIR
 from harness.model import JaggedBatch, Pooling, Problem, TableConfig, dtype_from_name, total_dim
 from harness.weights import make_weights
 
 FORMAT = "jagbench-workload/1"
-WORKLOADS_DIR = Path(__file__).resolve().parent.parent / "cases" / "workloads"
+WORKLOADS_DIR = CASES_DIR / "workloads"
 STANDARD = ("dlrm-like", "wide", "many-small", "cache-resident")
 SWEEP_PARAMS = ("B", "L", "D", "alpha")
 BAG_DISTS = ("fixed", "uniform", "normal")

@@ -1,4 +1,4 @@
-"""The ``bench``, ``report`` and ``compare`` commands; `harness.cli` registers them with `add_commands`.
+"""The ``bench`` and ``compare`` commands; `harness.cli` registers them with `add_commands`.
 
 Each command turns its options into typed values here and calls one function of ``harness``.
 """
@@ -9,7 +9,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness.cli_args import add_backend_option, load_backends
+from harness.command_line import (
+    EXIT_FOUND,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    add_backend_option,
+    load_backends,
+    progress_line,
+)
 
 
 def _percent(text: str) -> float:
@@ -24,12 +32,11 @@ def _percent(text: str) -> float:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from harness.bench import BenchConfig, run_bench
-    from harness.cli import EXIT_FOUND, EXIT_OK, EXIT_USAGE, UsageError, _progress
-    from harness.workloads import WorkloadError, check_fits, get_workloads, load_workloads
+    from harness.bench.runner import BenchConfig, run_bench
+    from harness.bench.workloads import WorkloadError, check_fits, get_workloads, load_workloads
 
     if args.list_workloads:
-        from harness.table import markdown_table
+        from harness.markdown import markdown_table
 
         rows = [
             [w.name, ", ".join(w.tags), w.weights_bytes // 2**20, w.description[:90]]
@@ -59,7 +66,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bandwidth_bytes=args.bandwidth_mib << 20,
         progress=lambda m: print(m, file=sys.stderr, flush=True),
     )
-    _progress(f"bench: {len(backends)} backend(s) x {len(workloads)} workload(s) -> {args.json}")
+    progress_line(f"bench: {len(backends)} backend(s) x {len(workloads)} workload(s) -> {args.json}")
     code, plugin = run_bench(config, args.pytest_args or [])
     if plugin.failed:
         print(f"\n{len(plugin.failed)} case(s) failed the reference check (not timed):", file=sys.stderr)
@@ -72,36 +79,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from harness.cli import EXIT_OK, UsageError
-    from harness.report import write_report
-    from harness.runs import RunError, load_run
-
-    try:
-        runs = [load_run(p) for p in args.runs]
-        extra = []
-        for path in args.robustness or []:
-            try:
-                if path.endswith(".json"):  # a `jagbench robustness --json` document
-                    from harness.robustness_report import robustness_section
-
-                    extra.append(robustness_section(path))
-                else:
-                    extra.append(Path(path).read_text())
-            except (OSError, ValueError, KeyError) as e:
-                raise UsageError(f"cannot read robustness section {path}: {e}") from e
-    except RunError as e:
-        raise UsageError(str(e)) from e
-    written = write_report(runs, Path(args.out), extra_sections=extra, baseline=args.baseline)
-    for p in written:
-        print(p)
-    return EXIT_OK
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
-    from harness.cli import EXIT_FOUND, EXIT_OK, UsageError
-    from harness.compare import CompareError, compare_runs, format_comparison
-    from harness.runs import RunError, load_run
+    from harness.bench.compare import CompareError, compare_runs, format_comparison
+    from harness.bench.runs import RunError, load_run
 
     try:
         result = compare_runs(load_run(args.base), load_run(args.new), threshold=args.threshold)
@@ -112,7 +92,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``bench``, ``report`` and ``compare`` on the ``jagbench`` parser."""
+    """Register ``bench`` and ``compare`` on the ``jagbench`` parser."""
     p = sub.add_parser("bench", help="the pytest-benchmark suite over backends and workloads")
     add_backend_option(p, "all available")
     p.add_argument(
@@ -167,18 +147,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--list-workloads", action="store_true", help="list the workloads and exit")
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments after --, e.g. -- -x")
     p.set_defaults(func=cmd_bench)
-
-    p = sub.add_parser("report", help="Markdown + HTML report (with plots) of one or more runs")
-    p.add_argument("runs", nargs="+", metavar="RUN.json", help="bench JSON files (or .partial.jsonl)")
-    p.add_argument("--out", default="reports/latest", metavar="DIR", help="output folder (reports/latest)")
-    p.add_argument("--baseline", default=None, metavar="NAME", help="speedup baseline (default: the run's)")
-    p.add_argument(
-        "--robustness",
-        action="append",
-        metavar="FILE",
-        help="a section to include: Markdown, or the JSON of `jagbench robustness --json`; repeatable",
-    )
-    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("compare", help="compare two runs case by case; exit 1 on a regression")
     p.add_argument("base", metavar="BASE.json")

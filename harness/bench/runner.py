@@ -1,4 +1,4 @@
-"""The benchmark driver: `run_bench` runs pytest-benchmark on `harness.bench_suite` in-process.
+"""The benchmark driver: `run_bench` runs pytest-benchmark on `harness.bench.suite` in-process.
 
 Each (backend, workload) is one pytest test and one benchmark. A pytest plugin object (`BenchPlugin`)
 carries the chosen backends and workloads into the suite, parametrises it, and adds jagbench's
@@ -7,7 +7,7 @@ a ``jagbench`` section (bandwidth, byte model, baseline, failed and unsupported 
 benchmark ``speedup_vs_baseline`` and ``bandwidth_fraction`` in ``extra_info``.
 
 While running, each finished case is appended to ``<json>.partial.jsonl`` (a header line, then one
-line per case); `harness.runs.load_run` reads it when the run was interrupted. When pytest-benchmark
+line per case); `harness.bench.runs.load_run` reads it when the run was interrupted. When pytest-benchmark
 writes the final JSON the sidecar is removed.
 """
 
@@ -23,11 +23,12 @@ from typing import Any
 import torch
 
 from harness.backend import Backend
-from harness.metrics import BYTE_MODEL, environment, measure_copy_bandwidth
-from harness.workloads import Workload
+from harness.bench.derived import add_derived
+from harness.bench.metrics import BYTE_MODEL, environment, measure_copy_bandwidth
+from harness.bench.workloads import Workload
 
 RUN_FORMAT = "jagbench-run/1"
-SUITE = Path(__file__).resolve().parent / "bench_suite.py"
+SUITE = Path(__file__).resolve().parent / "suite.py"
 
 
 @dataclass
@@ -145,26 +146,6 @@ class BenchPlugin:
 def case_key(workload: Workload, backend: Backend) -> str:
     """The pytest parameter of one case (a string, so pytest-benchmark can store it)."""
     return f"{backend.name}@{workload.name}"
-
-
-def add_derived(benchmarks: list[dict[str, Any]], baseline: str, bandwidth: dict[str, Any] | None) -> None:
-    """Add ``speedup_vs_baseline`` and ``bandwidth_fraction`` to each benchmark's ``extra_info``."""
-    base = {
-        b["extra_info"]["workload"]: b["stats"]["median"]
-        for b in benchmarks
-        if b["extra_info"].get("backend") == baseline
-    }
-    for b in benchmarks:
-        info = b["extra_info"]
-        median = b["stats"]["median"]
-        ref = base.get(info.get("workload"))
-        info["baseline"] = baseline
-        info["speedup_vs_baseline"] = ref / median if ref and median else None
-        info["gbps"] = info["bytes"] / median / 1e9 if median else None
-        info["ids_per_s"] = info["ids"] / median if median else None
-        if bandwidth:
-            info["memory_bandwidth_gbps"] = bandwidth["gbps"]
-            info["bandwidth_fraction"] = info["gbps"] / bandwidth["gbps"] if info["gbps"] else None
 
 
 def synchronize_for(result: torch.Tensor) -> Callable[[], None] | None:

@@ -1,0 +1,4 @@
+"""The references (oracles) every backend is judged against, computed in float64.
+
+- `harness.reference.forward`: the forward lookup as a readable loop (the definition).
+"""
