@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from harness.backend import Backend
-from harness.cases import Case, known_discrepancy
+from harness.cases import Case, scoped_cases
+from harness.known import Observation, explain
 from harness.model import JaggedBatch, Problem, TableConfig
-from harness.reference.forward import ReferenceResult, reference_pool
-from harness.tolerance import Comparison, compare, error_bound
+from harness.quantized import QuantizedTable
+from harness.reference.forward import PooledReference, pool_with_tolerance
+from harness.tolerance import Comparison, Tolerance, compare
 from harness.validate import IdPolicy, validate_problem
 
 
@@ -27,35 +29,66 @@ class Outcome(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Verdict:
-    """One backend's result on one problem."""
+    """One backend's result on one problem.
+
+    ``observed`` keeps what the backend did (its result, or its exception's type and message, and
+    the backend object) so that `mark_known` can check a known case's model against it; it is
+    left out of ``repr`` and equality. Rebuild a verdict with ``dataclasses.replace`` to keep it.
+    ``known_cases`` names the cases whose models explain a `Outcome.KNOWN` verdict.
+    """
 
     backend: str
     outcome: Outcome
     detail: str
     comparison: Comparison | None = None
+    observed: Observation | None = field(default=None, repr=False, compare=False)
+    known_cases: tuple[str, ...] = ()
 
     @property
     def failed(self) -> bool:
         return self.outcome in (Outcome.DISAGREE, Outcome.RAISED, Outcome.MUTATED)
 
+    @classmethod
+    def of_exception(cls, backend: object, error: BaseException, context: str = "") -> Verdict:
+        """`Outcome.RAISED` for ``error`` raised by ``backend`` (an object, or its name), observed."""
+        name = backend if isinstance(backend, str) else getattr(backend, "name", type(backend).__name__)
+        owner = None if isinstance(backend, str) else backend
+        return cls(
+            name,
+            Outcome.RAISED,
+            f"{type(error).__name__}: {error}{context}",
+            observed=Observation.of_exception(error, owner),
+        )
+
 
 @dataclass(frozen=True)
 class Oracle:
-    """The reference result of a problem and its per-element bound, computed once."""
+    """The reference result of a problem and its per-element tolerance, computed once."""
 
-    reference: ReferenceResult
-    bound: torch.Tensor
+    reference: PooledReference
+    tolerance: Tolerance
+
+    @property
+    def bound(self) -> torch.Tensor:
+        """The finite bound per element (``tolerance.bound``)."""
+        return self.tolerance.bound
 
     @classmethod
     def of(
         cls, tables: Sequence[TableConfig], weights: Mapping[str, torch.Tensor], batch: JaggedBatch
     ) -> Oracle:
-        ref = reference_pool(tables, weights, batch)
-        return cls(ref, error_bound(ref.magnitude, ref.bag_length, ref.is_mean))
+        return cls(*pool_with_tolerance(tables, weights, batch))
 
 
 def _snapshot(weights: Mapping[str, torch.Tensor], batch: JaggedBatch) -> list[tuple[str, torch.Tensor]]:
-    tensors = [(f"weights of table {k!r}", w) for k, w in weights.items()]
+    tensors = []
+    for k, w in weights.items():
+        if isinstance(w, QuantizedTable):
+            tensors += [
+                (f"{part} of quantized table {k!r}", getattr(w, part)) for part in ("codes", "scale", "bias")
+            ]
+        else:
+            tensors.append((f"weights of table {k!r}", w))
     tensors += [("batch values", batch.values), ("batch lengths", batch.lengths)]
     if batch.weights is not None:
         tensors.append(("batch per-sample weights", batch.weights))
@@ -93,13 +126,17 @@ def check_backend(
         lookup = backend.prepare(tables, weights)
         result = lookup(batch)
     except Exception as e:  # noqa: BLE001 - a backend's exception is the verdict
-        return Verdict(name, Outcome.RAISED, f"{type(e).__name__}: {e}")
+        return Verdict.of_exception(backend, e)
     mutated = _mutated(before)
     if mutated is not None:
         return Verdict(name, Outcome.MUTATED, mutated)
-    comparison = compare(result, oracle.reference.value, oracle.bound)
+    comparison = compare(result, oracle.reference.value, oracle.tolerance)
     outcome = Outcome.AGREE if comparison.agree else Outcome.DISAGREE
-    return Verdict(name, outcome, comparison.describe(), comparison)
+    observed = None
+    if outcome is Outcome.DISAGREE:
+        judged = Problem(tuple(tables), weights, batch)
+        observed = Observation(result=result, backend=backend, problem=judged, oracle=oracle)
+    return Verdict(name, outcome, comparison.describe(), comparison, observed)
 
 
 def check_agreement(
@@ -119,23 +156,59 @@ def check_agreement(
     return [check_backend(b, tables, weights, batch, oracle) for b in backends]
 
 
+def _observation(v: Verdict) -> Observation:
+    """What the verdict observed; for a `Outcome.RAISED` verdict made without one, the exception
+    type and message are read from its detail (``"Type: message"``, the form every caller writes)."""
+    if v.observed is not None:
+        return v.observed
+    if v.outcome is Outcome.RAISED:
+        kind, sep, message = v.detail.partition(": ")
+        if sep and kind.isidentifier():
+            return Observation(error_types=(kind,), error_message=message)
+    return Observation()
+
+
 def mark_known(verdicts: Sequence[Verdict], problem: Problem, cases: Sequence[Case]) -> list[Verdict]:
-    """Relabel a disagreement or error explained by a known-discrepancy case as `Outcome.KNOWN`."""
+    """Relabel a disagreement or error as `Outcome.KNOWN` where known cases' models explain it.
+
+    For each `Outcome.DISAGREE` or `Outcome.RAISED` verdict, the known-discrepancy cases of that
+    backend whose scope holds ``problem`` are tried (`harness.known.explain`): an exception must be
+    the one a ``raises`` model names; a result must be, in every column, what the cases' models
+    predict (each for the tables it claims), or else what the contract says. Cases never
+    reproduced (``reproduced: false``) or without a model are not tried: they silence nothing. A
+    verdict that stays failed says in its detail which cases were tried and why they do not
+    explain it. The observation's own problem, when it has one, is what is judged.
+    """
     out = []
     for v in verdicts:
-        case = (
-            known_discrepancy(cases, v.backend, problem)
-            if v.outcome in (Outcome.DISAGREE, Outcome.RAISED)
-            else None
-        )
-        if case is None:
+        if v.outcome not in (Outcome.DISAGREE, Outcome.RAISED):
             out.append(v)
-        else:
+            continue
+        observed = _observation(v)
+        judged = observed.problem or problem
+        scoped = scoped_cases(cases, v.backend, judged, observed.backend)
+        usable = [c for c in scoped if c.can_silence]
+        idle = [c.name for c in scoped if not c.can_silence]
+        note = f"; in scope but never reproduced, so not tried: {', '.join(map(repr, idle))}" if idle else ""
+        if not usable:
+            out.append(replace(v, detail=v.detail + note) if note else v)
+            continue
+        explanation = explain([(c.name, c.model) for c in usable], judged, observed, Oracle.of)
+        if explanation.explained:
+            names = explanation.cases or (usable[0].name,)
+            known = " + ".join(map(repr, names))
             out.append(
-                Verdict(
-                    v.backend, Outcome.KNOWN, f"known discrepancy {case.name!r}: {v.detail}", v.comparison
+                replace(
+                    v,
+                    outcome=Outcome.KNOWN,
+                    detail=f"known discrepancy {known}: {v.detail}",
+                    known_cases=names,
                 )
             )
+        else:
+            tried = ", ".join(repr(c.name) for c in usable)
+            detail = f"{v.detail}; not explained by known case(s) {tried}: {explanation.detail}{note}"
+            out.append(replace(v, detail=detail))
     return out
 
 

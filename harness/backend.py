@@ -7,12 +7,15 @@ below by name; a module whose library is missing reports itself unavailable inst
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import sys
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -33,6 +36,14 @@ class Backend(Protocol):
 
     def prepare(self, tables: Sequence[TableConfig], weights: Mapping[str, torch.Tensor]) -> Lookup:
         """One-time work outside any timing; returns the lookup that is checked and timed."""
+
+
+def can_train(backend: object) -> bool:
+    """Whether ``backend`` also trains: it has ``supports_training`` and ``prepare_training``
+    (DESIGN.md, "Training"; the protocol is `harness.training.contract.TrainingBackend`)."""
+    return callable(getattr(backend, "supports_training", None)) and callable(
+        getattr(backend, "prepare_training", None)
+    )
 
 
 class BackendUnavailable(RuntimeError):
@@ -61,7 +72,8 @@ BUILTIN_BACKENDS: tuple[BuiltinBackend, ...] = (
     BuiltinBackend(
         "torch",
         "impls.torch_embedding_bag:TorchEmbeddingBag",
-        "torch.nn.functional.embedding_bag, one call per table, CPU",
+        "torch.nn.functional.embedding_bag, one call per table, CPU (quantized tables: "
+        "torch.ops.quantized's embedding_bag_{byte,4bit,2bit}_rowwise_offsets)",
     ),
     BuiltinBackend(
         "torch-cuda",
@@ -103,6 +115,33 @@ BUILTIN_BACKENDS: tuple[BuiltinBackend, ...] = (
         "fbgemm-tbe-none",
         "impls.fbgemm_tbe:fbgemm_tbe_nocheck",
         "fbgemm-tbe with BoundsCheckMode.NONE (FBGEMM 1.8's CPU kernel still raises on a bad id)",
+    ),
+    BuiltinBackend(
+        "fbgemm-tbe-int-n",
+        "impls.fbgemm_tbe_int_n:FbgemmIntNBitTBE",
+        "FBGEMM IntNBitTableBatchedEmbeddingBagsCodegen for int8/int4/int2 tables, CPU, FP32 output, "
+        "bounds check FATAL",
+    ),
+    BuiltinBackend(
+        "fbgemm-tbe-int-n-warning",
+        "impls.fbgemm_tbe_int_n:fbgemm_tbe_int_n_warning",
+        "fbgemm-tbe-int-n with BoundsCheckMode.WARNING (a bad id becomes row 0, logged)",
+    ),
+    BuiltinBackend(
+        "fbgemm-tbe-int-n-ignore",
+        "impls.fbgemm_tbe_int_n:fbgemm_tbe_int_n_ignore",
+        "fbgemm-tbe-int-n with BoundsCheckMode.IGNORE (a bad id becomes row 0, silently)",
+    ),
+    BuiltinBackend(
+        "fbgemm-tbe-int-n-none",
+        "impls.fbgemm_tbe_int_n:fbgemm_tbe_int_n_none",
+        "fbgemm-tbe-int-n with BoundsCheckMode.NONE (the kernel's own check reaches the table's padding)",
+    ),
+    BuiltinBackend(
+        "torchrec-quant",
+        "impls.torchrec_quant:TorchrecQuantEBC",
+        "torchrec QuantEmbeddingBagCollection (int8/int4/int2) fed a KeyedJaggedTensor, bounds check "
+        "set to FATAL",
     ),
     BuiltinBackend(
         "torchrec-sharded-tw",
@@ -155,6 +194,46 @@ def _resolve_attr(obj: object, spec: str) -> Backend:
     return backend
 
 
+def _where(error: BaseException, path: Path | None) -> str:
+    """``file:line`` of an import failure: a syntax error's own place, else the innermost frame in
+    ``path`` (the plugin file), else the innermost frame that is not the import machinery's."""
+    if isinstance(error, SyntaxError) and error.filename:
+        return f"{error.filename}:{error.lineno}"
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith("<frozen")]
+    mine = [f for f in frames if path is not None and Path(f.filename).resolve() == path.resolve()]
+    frame = (mine or frames or [None])[-1]
+    return f"{frame.filename}:{frame.lineno}" if frame is not None else str(path or "?")
+
+
+def _import_failed(error: BaseException, spec: str, path: Path | None) -> BackendSpecError:
+    """One line for a plugin that fails to import: where, and the error (no traceback)."""
+    message = f"{type(error).__name__}: {error}".splitlines()[0]
+    return BackendSpecError(f"cannot load backend {spec!r}: {_where(error, path)}: {message}")
+
+
+def _load_file(path: Path, spec: str) -> ModuleType:
+    """Import a plugin file as ``python path/to/file.py`` would run it: its folder importable first,
+    so that it can import the modules beside it (the folder stays on ``sys.path`` for its lazy
+    imports). The module gets a name of its own, so it shadows no installed module."""
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    mod_name = f"jagbench_user_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
+    module = sys.modules.get(mod_name)
+    if module is not None:
+        return module
+    file_spec = importlib.util.spec_from_file_location(mod_name, path)
+    assert file_spec is not None and file_spec.loader is not None
+    module = importlib.util.module_from_spec(file_spec)
+    sys.modules[mod_name] = module
+    try:
+        file_spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[mod_name]
+        raise _import_failed(e, spec, path) from e
+    return module
+
+
 def _import_target(target: str, spec: str) -> object:
     module_name, _, attr = target.partition(":")
     if not attr:
@@ -163,21 +242,18 @@ def _import_target(target: str, spec: str) -> object:
         path = Path(module_name)
         if not path.is_file():
             raise BackendSpecError(f"backend file {str(path)!r} (from {spec!r}) does not exist")
-        mod_name = f"jagbench_user_{abs(hash(str(path.resolve())))}"
-        module = sys.modules.get(mod_name)
-        if module is None:
-            file_spec = importlib.util.spec_from_file_location(mod_name, path)
-            assert file_spec is not None and file_spec.loader is not None
-            module = importlib.util.module_from_spec(file_spec)
-            sys.modules[mod_name] = module
-            file_spec.loader.exec_module(module)
+        module = _load_file(path, spec)
     else:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
-            if e.name and module_name.startswith(e.name):
-                raise BackendSpecError(f"no module {module_name!r} (from {spec!r})") from e
-            raise
+            if e.name == module_name or module_name.startswith(f"{e.name}."):
+                raise BackendSpecError(
+                    f"no module {module_name!r} (from {spec!r}): not installed, nor on PYTHONPATH"
+                ) from e
+            raise _import_failed(e, spec, None) from e
+        except Exception as e:
+            raise _import_failed(e, spec, None) from e
     if not hasattr(module, attr):
         raise BackendSpecError(f"{module_name!r} has no attribute {attr!r} (from {spec!r})")
     return getattr(module, attr)

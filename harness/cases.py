@@ -1,27 +1,43 @@
 """Saved cases: self-contained JSON files under ``cases/`` that the tests and ``jagbench replay`` rerun.
 
 Two kinds:
-- ``regression``: a shrunk counterexample once found; the named backend is expected to agree now.
+- ``regression``: a minimised counterexample once found; the named backend is expected to agree now.
 - ``known-discrepancy``: a third-party library computing something other than the contract says.
-  It carries a ``scope`` (which problems it explains) so that fuzzing reports matching
-  disagreements as *known* instead of new, and the tests check it still reproduces.
+  It carries a ``scope`` (which problems it may concern) and a ``model`` (what the library
+  computes instead, `harness.known`): a disagreement of that backend in scope counts as *known*
+  only when the backend's result, or exception, is what the model predicts. The tests check
+  that the case still reproduces and that its model explains it.
 
-Format ``jagbench-case/1``::
+Format ``jagbench-case/2``::
 
-    {"format": "jagbench-case/1", "name": "...", "kind": "regression" | "known-discrepancy",
+    {"format": "jagbench-case/2", "name": "...", "kind": "regression" | "known-discrepancy",
      "backend": "torch", "summary": "...", "expect": "agree" | "disagree" | "raised",
      "scope": {"table_dtypes": ["float16"], "weighted": true, "pooling": ["mean"]},
+     "model": {"kind": "pooled-in-dtype", "tables": ["float16"], ...},
+     "reproduced": true,
      "problem": {"tables": [...], "weights": {...}, "batch": {...}, "id_policy": "reject"},
      "found": {...free-form: by, date, detail...}}
+
+``model`` and ``reproduced`` are required of a known discrepancy and absent from a regression.
+``reproduced: false`` marks a case written by analogy that nobody has seen happen (no machine to
+run it on): it silences nothing until a replay on its backend confirms it and someone sets it to
+``true``. Files of format ``jagbench-case/1`` (no model) still load; a known discrepancy among them
+explains nothing, since nothing says what the library computes.
 
 Scope keys (all must hold): ``table_dtypes`` / ``pooling`` (some table has one of these),
 ``weighted`` (the batch has per-sample weights or not), ``id_dtypes`` and ``batch_size`` (the
 batch's are among these), ``noncontiguous_groups`` (grouping the tables by these attributes, e.g.
-``["pooling", "dtype"]``, would reorder them), ``subnormal_weights`` (some table of one of these
-dtypes holds a subnormal value).
+``["pooling", "dtype"]``, would reorder them), ``reads_subnormal`` (some row that the batch reads,
+of a table of one of these dtypes, holds a subnormal value), ``subnormal_weights`` (format 1: some
+table of one of these dtypes holds a subnormal anywhere), ``backend_attributes`` (the backend
+object has these attribute values, e.g. ``{"interpret": true}``; a wrapper that exposes the
+wrapped backend as ``.backend`` is looked through).
 
 Weights are stored either as exact values (``{"values": [[...]]}``; JSON floats round-trip every
 float32/float16/bfloat16 value exactly) or as a seed (``{"seed": 0, "scale": 1.0}``) for large tables.
+A quantized table (dtype ``"int8"``, ``"int4"``, ``"int2"``) stores its exact data,
+``{"codes": [[...]], "scale": [...], "bias": [...]}`` (unpacked integer codes, fp16 scale and bias
+per row as JSON floats), or a seed: the seeded float32 values quantized (`harness.quantized`).
 """
 
 from __future__ import annotations
@@ -37,10 +53,21 @@ from typing import Any
 
 import torch
 
-from harness.model import JaggedBatch, Pooling, Problem, TableConfig, dtype_from_name, dtype_name
+from harness.known import Model, ModelError, model_from_json
+from harness.model import (
+    JaggedBatch,
+    Pooling,
+    Problem,
+    TableConfig,
+    dtype_from_name,
+    dtype_name,
+    is_quantized,
+)
+from harness.quantized import QuantizedTable
 from harness.weights import make_table_weights
 
-FORMAT = "jagbench-case/1"
+FORMAT = "jagbench-case/2"
+READABLE_FORMATS = ("jagbench-case/1", FORMAT)
 CASES_DIR = Path(__file__).resolve().parent.parent / "cases"
 KINDS = ("regression", "known-discrepancy")
 EXPECTATIONS = ("agree", "disagree", "raised")
@@ -51,7 +78,9 @@ SCOPE_KEYS = (
     "id_dtypes",
     "batch_size",
     "noncontiguous_groups",
+    "reads_subnormal",
     "subnormal_weights",
+    "backend_attributes",
 )
 
 
@@ -105,6 +134,8 @@ def problem_to_json(
         if weight_seeds and t.name in weight_seeds:
             seed, scale = weight_seeds[t.name]
             weights[t.name] = {"seed": seed, "scale": scale}
+        elif isinstance(problem.weights[t.name], QuantizedTable):
+            weights[t.name] = quantized_to_json(problem.weights[t.name])
         else:
             rows = problem.weights[t.name].to(torch.float64).tolist()
             weights[t.name] = {"values": [[_float(x) for x in r] for r in rows]}
@@ -123,12 +154,38 @@ def problem_to_json(
     }
 
 
+def quantized_to_json(w: QuantizedTable) -> dict[str, Any]:
+    """A quantized table's exact data: integer codes, and fp16 scale and bias as JSON floats."""
+    return {
+        "codes": w.codes.tolist(),
+        "scale": [_float(x) for x in w.scale.double().tolist()],
+        "bias": [_float(x) for x in w.bias.double().tolist()],
+    }
+
+
+def quantized_from_json(w: Mapping[str, Any], t: TableConfig) -> QuantizedTable:
+    """`quantized_to_json`'s inverse. Codes that do not fit a byte are kept as int64 (validation
+    names them); fp16 values round-trip exactly through JSON floats."""
+    codes = torch.tensor(w["codes"], dtype=torch.int64).reshape(t.num_embeddings, t.embedding_dim)
+    if len(codes) == 0 or (int(codes.min()) >= 0 and int(codes.max()) <= 255):
+        codes = codes.to(torch.uint8)
+
+    def fp16(xs: Sequence[float | str]) -> torch.Tensor:
+        return torch.tensor([_unfloat(x) for x in xs], dtype=torch.float64).to(torch.float16)
+
+    return QuantizedTable(
+        codes, fp16(w["scale"]), fp16(w["bias"]), t.dtype if is_quantized(t) else str(t.dtype)
+    )
+
+
 def problem_from_json(d: Mapping[str, Any]) -> Problem:
     tables = tuple(table_from_json(t) for t in d["tables"])
     weights = {}
     for t in tables:
         w = d["weights"][t.name]
-        if "values" in w:
+        if "codes" in w:
+            weights[t.name] = quantized_from_json(w, t)
+        elif "values" in w:
             rows = [[_unfloat(x) for x in r] for r in w["values"]]
             tensor = torch.tensor(rows, dtype=torch.float64).reshape(t.num_embeddings, t.embedding_dim)
             weights[t.name] = tensor.to(t.dtype)
@@ -160,25 +217,43 @@ class Case:
     found: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     problem_json: dict[str, Any] | None = None
+    model: Model | None = None
+    reproduced: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
+        # A format-1 known case (no model) stays format 1: format 2 requires a model.
+        old = self.kind == "known-discrepancy" and self.model is None
+        out = {
+            "format": READABLE_FORMATS[0] if old else FORMAT,
             "name": self.name,
             "kind": self.kind,
             "backend": self.backend,
             "summary": self.summary,
             "expect": self.expect,
             "scope": self.scope,
-            "problem": self.problem_json or problem_to_json(self.problem),
-            "found": self.found,
         }
+        if self.kind == "known-discrepancy" and not old:
+            out["model"] = self.model.to_json()
+            out["reproduced"] = self.reproduced
+        out["problem"] = self.problem_json or problem_to_json(self.problem)
+        out["found"] = self.found
+        return out
 
-    def in_scope(self, backend: str, problem: Problem) -> bool:
-        """Whether this known discrepancy explains a disagreement of ``backend`` on ``problem``."""
+    @property
+    def can_silence(self) -> bool:
+        """A known discrepancy that may explain disagreements: it has a model and was reproduced."""
+        return self.kind == "known-discrepancy" and self.model is not None and self.reproduced
+
+    def in_scope(self, backend: str, problem: Problem, backend_object: object | None = None) -> bool:
+        """Whether ``backend`` on ``problem`` is within this known discrepancy's scope.
+
+        Being in scope is necessary, not sufficient: the case explains a disagreement only when its
+        `model` does (`harness.agreement.mark_known`). ``backend_object`` is needed by the
+        ``backend_attributes`` scope key (without it that key does not hold).
+        """
         if self.kind != "known-discrepancy" or backend != self.backend:
             return False
-        return scope_matches(self.scope, problem)
+        return scope_matches(self.scope, problem, backend_object)
 
 
 def _groups_interleaved(tables: Sequence[TableConfig], attributes: Sequence[str]) -> bool:
@@ -195,13 +270,49 @@ def _groups_interleaved(tables: Sequence[TableConfig], attributes: Sequence[str]
     return False
 
 
-def _has_subnormal(w: torch.Tensor) -> bool:
-    """Some value of ``w`` is subnormal in its own dtype (nonzero, smaller than the smallest normal)."""
+def _subnormal(w: torch.Tensor) -> torch.Tensor:
+    """Which values of ``w`` are subnormal in its own dtype (nonzero, smaller than the smallest normal)."""
     mag = w.detach().abs().to(torch.float32)
-    return bool(((mag > 0) & (mag < torch.finfo(w.dtype).tiny)).any())
+    return (mag > 0) & (mag < torch.finfo(w.dtype).tiny)
 
 
-def scope_matches(scope: Mapping[str, Any], problem: Problem) -> bool:
+def _has_subnormal(w: torch.Tensor) -> bool:
+    return bool(_subnormal(w).any())
+
+
+def _reads_subnormal(problem: Problem, dtypes: Sequence[str]) -> bool:
+    """Some row that the batch reads, of a table of one of ``dtypes``, holds a subnormal value."""
+    batch = problem.batch
+    for t in problem.tables:
+        if dtype_name(t.dtype) not in dtypes:
+            continue
+        rows = _subnormal(problem.weights[t.name]).any(dim=1)
+        if not bool(rows.any()):
+            continue
+        for key in t.feature_names:
+            if key in batch.keys:
+                ids = batch.values[batch.feature_slice(key)].to(torch.int64)
+                ids = ids[(ids >= 0) & (ids < len(rows))]  # a problem not yet validated may hold others
+                if bool(rows[ids].any()):
+                    return True
+    return False
+
+
+def _attribute(backend: object, name: str) -> Any:
+    """``backend.name``, looking through wrappers that expose the wrapped backend as ``.backend``."""
+    seen = 0
+    while backend is not None and seen < 8:
+        if hasattr(backend, name):
+            return getattr(backend, name)
+        backend = getattr(backend, "backend", None)
+        seen += 1
+    return _MISSING
+
+
+_MISSING = object()
+
+
+def scope_matches(scope: Mapping[str, Any], problem: Problem, backend: object | None = None) -> bool:
     """All conditions of ``scope`` hold for ``problem`` (an empty scope matches nothing)."""
     if not scope:
         return False
@@ -221,6 +332,10 @@ def scope_matches(scope: Mapping[str, Any], problem: Problem) -> bool:
             ok = _groups_interleaved(tables, want)
         elif key == "subnormal_weights":
             ok = any(dtype_name(t.dtype) in want and _has_subnormal(problem.weights[t.name]) for t in tables)
+        elif key == "reads_subnormal":
+            ok = _reads_subnormal(problem, want)
+        elif key == "backend_attributes":
+            ok = backend is not None and all(_attribute(backend, a) == v for a, v in want.items())
         else:
             raise CaseError(f"unknown scope key {key!r}; known: {SCOPE_KEYS}")
         if not ok:
@@ -230,8 +345,8 @@ def scope_matches(scope: Mapping[str, Any], problem: Problem) -> bool:
 
 def case_from_json(d: Mapping[str, Any], path: Path | None = None) -> Case:
     where = str(path) if path else "case"
-    if d.get("format") != FORMAT:
-        raise CaseError(f"{where}: format is {d.get('format')!r}, expected {FORMAT!r}")
+    if d.get("format") not in READABLE_FORMATS:
+        raise CaseError(f"{where}: format is {d.get('format')!r}, expected one of {READABLE_FORMATS}")
     for key in ("name", "kind", "backend", "expect", "problem"):
         if key not in d:
             raise CaseError(f"{where}: missing field {key!r}")
@@ -242,6 +357,20 @@ def case_from_json(d: Mapping[str, Any], path: Path | None = None) -> Case:
     for key in d.get("scope", {}):
         if key not in SCOPE_KEYS:
             raise CaseError(f"{where}: unknown scope key {key!r}; known: {SCOPE_KEYS}")
+    if not isinstance(d.get("scope", {}).get("backend_attributes", {}), Mapping):
+        raise CaseError(f"{where}: scope 'backend_attributes' must be an object of attribute values")
+    model, reproduced = None, False
+    if d["kind"] == "known-discrepancy" and d["format"] == FORMAT:
+        for key in ("model", "reproduced"):
+            if key not in d:
+                raise CaseError(f"{where}: a known discrepancy needs {key!r} (format {FORMAT})")
+        if not isinstance(d["reproduced"], bool):
+            raise CaseError(f"{where}: 'reproduced' must be true or false, got {d['reproduced']!r}")
+        try:
+            model = model_from_json(d["model"])
+        except ModelError as e:
+            raise CaseError(f"{where}: bad model: {e}") from e
+        reproduced = d["reproduced"]
     try:
         problem = problem_from_json(d["problem"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -257,6 +386,8 @@ def case_from_json(d: Mapping[str, Any], path: Path | None = None) -> Case:
         found=dict(d.get("found", {})),
         path=path,
         problem_json=dict(d["problem"]),
+        model=model,
+        reproduced=reproduced,
     )
 
 
@@ -280,12 +411,25 @@ def load_cases(directory: Path = CASES_DIR) -> list[Case]:
     return [load_case(p) for p in case_files(directory)]
 
 
-def known_discrepancy(cases: Iterable[Case], backend: str, problem: Problem) -> Case | None:
-    """The first known-discrepancy case that explains ``backend`` disagreeing on ``problem``."""
+def known_discrepancy(
+    cases: Iterable[Case], backend: str, problem: Problem, backend_object: object | None = None
+) -> Case | None:
+    """The first known-discrepancy case of ``backend`` whose scope holds ``problem``.
+
+    In scope only: whether the case explains a given disagreement is for its model to say
+    (`harness.agreement.mark_known`, which records the explaining cases on the verdict).
+    """
     for case in cases:
-        if case.in_scope(backend, problem):
+        if case.in_scope(backend, problem, backend_object):
             return case
     return None
+
+
+def scoped_cases(
+    cases: Iterable[Case], backend: str, problem: Problem, backend_object: object | None = None
+) -> list[Case]:
+    """Every known-discrepancy case of ``backend`` whose scope holds ``problem``, in order."""
+    return [c for c in cases if c.in_scope(backend, problem, backend_object)]
 
 
 def save_case(case: Case, directory: Path) -> Path:

@@ -1,5 +1,6 @@
 """What every ``jagbench`` command shares: exit codes, `UsageError`, argument helpers (positive
-numbers, ``--backend``), turning backend specs into backends, and the progress line.
+numbers, ``--backend``, ``--quiet`` and ``--json``), turning backend specs into backends, the
+progress of a command and its machine-readable summary.
 
 Every command module (``harness/*/cli.py``) imports this one; it imports none of them, nor the
 top-level parser (`harness.cli`), so there is no circle through the command line.
@@ -11,9 +12,14 @@ Exit codes (DESIGN.md): 0 success / all agree, 1 a disagreement or regression wa
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+import json
+import platform
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from harness.progress import Progress, progress_for
 
 if TYPE_CHECKING:  # the parser is built without importing torch
     from harness.backend import Backend
@@ -29,12 +35,66 @@ class UsageError(Exception):
     """A command-line or setup problem: printed without a traceback, exit code 2."""
 
 
-def progress_line(message: str) -> None:
-    """One updating line on a terminal; plain lines in a log."""
-    if sys.stderr.isatty():
-        print(f"\r{message}", end="", file=sys.stderr, flush=True)
-    else:
-        print(message, file=sys.stderr, flush=True)
+SUMMARY_FORMAT = "jagbench-summary/1"
+
+
+def add_output_options(
+    parser: argparse.ArgumentParser, *, summary_json: bool = True, quiet: bool = True
+) -> None:
+    """``--quiet`` and, unless the command's ``--json`` means its own document, ``--json PATH``
+    (``quiet=False`` for a command that defines its own ``--quiet``).
+
+    The summary's path lands in ``args.summary_json``; a command puts what it found in
+    ``args.result`` (`set_result`) and `harness.cli.main` writes the summary (`write_summary`).
+    """
+    if quiet:
+        parser.add_argument(
+            "--quiet",
+            action="store_true",
+            help="no progress and no notes on stderr; results, errors and unexpected warnings still print",
+        )
+    if summary_json:
+        parser.add_argument(
+            "--json",
+            dest="summary_json",
+            metavar="PATH",
+            help=f"also write a machine-readable summary of the outcome (JSON, {SUMMARY_FORMAT}) to PATH",
+        )
+
+
+def progress_of(args: argparse.Namespace) -> Progress:
+    """The command's progress display: a bar, plain lines, or nothing with ``--quiet``."""
+    return progress_for(quiet=bool(getattr(args, "quiet", False)))
+
+
+def set_result(args: argparse.Namespace, result: Mapping[str, Any]) -> None:
+    """What the command found, for its ``--json`` summary (plain JSON values)."""
+    args.result = dict(result)
+
+
+def write_summary(
+    path: str | Path,
+    *,
+    command: str,
+    exit_code: int,
+    result: Mapping[str, Any] | None,
+    expected_warnings: Mapping[str, int],
+    error: str | None = None,
+) -> None:
+    """The ``--json`` summary: command, exit code, error, expected warnings counted, the result."""
+    doc = {
+        "format": SUMMARY_FORMAT,
+        "command": command,
+        "exit_code": exit_code,
+        "error": error,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"node": platform.node(), "platform": platform.platform()},
+        "expected_warnings": dict(expected_warnings),
+        "result": dict(result) if result is not None else None,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
 
 
 BACKEND_HELP = "a built-in name, module:ATTR or file.py:ATTR (repeatable; default: {default})"

@@ -24,11 +24,19 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from harness.quantized import QUANTIZED_STORAGE, QuantizedTable, row_bytes
+
 if TYPE_CHECKING:
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 ID_DTYPES: tuple[torch.dtype, ...] = (torch.int64, torch.int32)
+TableDtype = torch.dtype | str
+"""A table's storage type: a float dtype of `SUPPORTED_DTYPES`, or a row-wise quantized storage
+name of `QUANTIZED_STORAGE` (``"int8"``, ``"int4"``, ``"int2"``; see `harness.quantized`)."""
+TABLE_DTYPES: tuple[TableDtype, ...] = SUPPORTED_DTYPES + QUANTIZED_STORAGE
+TableWeights = torch.Tensor | QuantizedTable
+"""A table's weights: a ``[rows, dim]`` tensor of its float dtype, or a `QuantizedTable`."""
 
 
 class Pooling(str, enum.Enum):
@@ -43,7 +51,9 @@ class TableConfig:
     """One embedding table, like torchrec's ``EmbeddingBagConfig``.
 
     ``feature_names`` lists the batch keys looked up in this table; several features may share it.
-    ``dtype`` is the storage type of the table's weights.
+    ``dtype`` is the storage type of the table's weights: a float dtype, whose weights are a tensor
+    of it, or a quantized storage name (``"int8"``, ``"int4"``, ``"int2"``), whose weights are a
+    `harness.quantized.QuantizedTable`.
     """
 
     name: str
@@ -51,7 +61,7 @@ class TableConfig:
     embedding_dim: int
     feature_names: tuple[str, ...]
     pooling: Pooling = Pooling.SUM
-    dtype: torch.dtype = torch.float32
+    dtype: TableDtype = torch.float32
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "feature_names", tuple(self.feature_names))
@@ -152,7 +162,22 @@ class JaggedBatch:
 
     @classmethod
     def from_kjt(cls, kjt: KeyedJaggedTensor) -> JaggedBatch:
-        """A batch holding a torchrec ``KeyedJaggedTensor``'s keys, ids, lengths and weights."""
+        """A batch holding a torchrec ``KeyedJaggedTensor``'s keys, ids, lengths and weights.
+
+        A batch has one batch size for every key. A KJT with a variable stride per key
+        (``stride_per_key_per_rank``) is accepted when every key has the same strides (its layout
+        is then a batch's); otherwise `ValueError` names each key's batch size.
+        """
+        if kjt.variable_stride_per_key():
+            per_rank = [list(s) for s in kjt.stride_per_key_per_rank()]
+            if any(s != per_rank[0] for s in per_rank):
+                sizes = ", ".join(
+                    f"{k!r}: {n}" for k, n in zip(kjt.keys(), kjt.stride_per_key(), strict=True)
+                )
+                raise ValueError(
+                    "the KeyedJaggedTensor has a variable stride per key (batch sizes "
+                    f"{sizes}; per rank {per_rank}); a JaggedBatch needs the same batch size for every key"
+                )
         return cls(
             keys=tuple(kjt.keys()),
             values=kjt.values(),
@@ -161,12 +186,26 @@ class JaggedBatch:
         )
 
 
+def is_quantized(table: TableConfig | TableDtype) -> bool:
+    """Whether a table (or a storage type) is row-wise quantized (``"int8"``, ``"int4"``, ``"int2"``)."""
+    dtype = table.dtype if isinstance(table, TableConfig) else table
+    return isinstance(dtype, str) and dtype in QUANTIZED_STORAGE
+
+
+def stored_row_bytes(table: TableConfig) -> int:
+    """Bytes one row of the table takes as stored: ``dim * itemsize`` for a float dtype; the packed
+    codes plus the fp16 scale and bias for a quantized one (no library's alignment padding)."""
+    if is_quantized(table):
+        return row_bytes(table.embedding_dim, table.dtype)
+    return table.embedding_dim * table.dtype.itemsize
+
+
 @dataclass(frozen=True, eq=False)
 class Problem:
     """Everything one lookup needs: the tables, their weights and a batch."""
 
     tables: tuple[TableConfig, ...]
-    weights: Mapping[str, torch.Tensor]
+    weights: Mapping[str, TableWeights]
     batch: JaggedBatch
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -190,16 +229,20 @@ def total_dim(tables: Sequence[TableConfig]) -> int:
     return sum(t.embedding_dim * len(t.feature_names) for t in tables)
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float16`` -> ``"float16"``."""
+def dtype_name(dtype: TableDtype) -> str:
+    """``torch.float16`` -> ``"float16"``; a quantized storage name is its own name (``"int4"``)."""
+    if isinstance(dtype, str):
+        return dtype
     return str(dtype).removeprefix("torch.")
 
 
-def dtype_from_name(name: str) -> torch.dtype:
-    """``"float16"`` -> ``torch.float16``, for the dtypes tables may have and ids may have."""
+def dtype_from_name(name: str) -> TableDtype:
+    """``"float16"`` -> ``torch.float16``, for the dtypes tables may have and ids may have; a
+    quantized storage name (``"int8"``, ``"int4"``, ``"int2"``) is returned as it is."""
+    if name in QUANTIZED_STORAGE:
+        return name
     for d in SUPPORTED_DTYPES + ID_DTYPES:
         if dtype_name(d) == name:
             return d
-    raise ValueError(
-        f"unknown dtype {name!r}; expected one of {[dtype_name(d) for d in SUPPORTED_DTYPES + ID_DTYPES]}"
-    )
+    known = [dtype_name(d) for d in TABLE_DTYPES + ID_DTYPES]
+    raise ValueError(f"unknown dtype {name!r}; expected one of {known}")

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from harness.agreement import Outcome, Verdict, check_problem, mark_known
 from harness.backend import Backend
 from harness.cases import load_cases
 from harness.generate import random_problem
 from harness.markdown import markdown_table
+from harness.progress import Progress
 
 
 @dataclass
@@ -24,22 +26,34 @@ class SmokeSummary:
     def failed(self) -> bool:
         return bool(self.failures)
 
+    def to_json(self) -> dict[str, Any]:
+        """Per backend the count of each outcome; the failures with their problem seeds."""
+        return {
+            "counts": {name: {o.value: c[o] for o in Outcome} for name, c in self.counts.items()},
+            "failures": [
+                {"backend": v.backend, "seed": seed, "outcome": v.outcome.value, "detail": v.detail}
+                for seed, v in self.failures
+            ],
+        }
+
 
 def smoke_check(
     backends: Sequence[Backend],
     seeds: Sequence[int],
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> SmokeSummary:
     summary = SmokeSummary({b.name: Counter() for b in backends})
     known = load_cases()
+    progress = progress or Progress()
+    progress.start("check", total=len(seeds), unit="problems")
     for i, seed in enumerate(seeds):
         problem = random_problem(seed)
         for verdict in mark_known(check_problem(backends, problem), problem, known):
             summary.counts[verdict.backend][verdict.outcome] += 1
             if verdict.failed:
                 summary.failures.append((seed, verdict))
-        if progress is not None:
-            progress(f"problem {i + 1}/{len(seeds)}")
+        progress.update(i + 1, failed=len(summary.failures))
+    progress.finish()
     return summary
 
 

@@ -10,16 +10,19 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 
 from harness.model import (
     ID_DTYPES,
-    SUPPORTED_DTYPES,
+    TABLE_DTYPES,
     JaggedBatch,
     Pooling,
     TableConfig,
     dtype_name,
+    is_quantized,
 )
+from harness.quantized import QuantizedTable, bits_of, levels_of
 
 IdPolicy = Literal["reject", "modulo"]
 ID_POLICIES: tuple[str, ...] = ("reject", "modulo")
@@ -49,11 +52,13 @@ def validate_tables(tables: Sequence[TableConfig]) -> None:
             v = getattr(t, attr)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ProblemError(f"table {t.name!r}: {attr} must be a positive integer, got {v!r}")
-        if t.dtype not in SUPPORTED_DTYPES:
+        if t.dtype not in TABLE_DTYPES:
             raise ProblemError(
                 f"table {t.name!r}: unsupported dtype {t.dtype}; "
-                f"supported: {', '.join(dtype_name(d) for d in SUPPORTED_DTYPES)}"
+                f"supported: {', '.join(dtype_name(d) for d in TABLE_DTYPES)}"
             )
+        if is_quantized(t):
+            _check_packable_dim(t)
         if not isinstance(t.pooling, Pooling):
             raise ProblemError(
                 f"table {t.name!r}: pooling must be Pooling.SUM or Pooling.MEAN, got {t.pooling!r}"
@@ -69,8 +74,9 @@ def validate_tables(tables: Sequence[TableConfig]) -> None:
             owner[f] = t.name
 
 
-def validate_weights(tables: Sequence[TableConfig], weights: Mapping[str, torch.Tensor]) -> None:
-    """Each table has a CPU ``[num_embeddings, embedding_dim]`` tensor of its dtype; no extras."""
+def validate_weights(tables: Sequence[TableConfig], weights: Mapping[str, object]) -> None:
+    """Each table has a CPU ``[num_embeddings, embedding_dim]`` tensor of its dtype (a quantized
+    table: a `QuantizedTable`, `_check_quantized_weights`); no extras."""
     names = {t.name for t in tables}
     for extra in sorted(set(weights) - names):
         raise ProblemError(f"weights given for {extra!r}, which is not a table")
@@ -78,6 +84,9 @@ def validate_weights(tables: Sequence[TableConfig], weights: Mapping[str, torch.
         if t.name not in weights:
             raise ProblemError(f"no weights for table {t.name!r}")
         w = weights[t.name]
+        if is_quantized(t) or isinstance(w, QuantizedTable):
+            _check_quantized_weights(t, w)
+            continue
         if not isinstance(w, torch.Tensor):
             raise ProblemError(f"weights of table {t.name!r} are a {type(w).__name__}, not a tensor")
         expected = (t.num_embeddings, t.embedding_dim)
@@ -94,6 +103,74 @@ def validate_weights(tables: Sequence[TableConfig], weights: Mapping[str, torch.
             raise ProblemError(
                 f"weights of table {t.name!r} are on {w.device}; "
                 "pass them on the CPU (backends move them in prepare)"
+            )
+
+
+def _check_packable_dim(t: TableConfig) -> None:
+    """A quantized table's dim must fill whole bytes of packed codes.
+
+    FBGEMM's IntNBit TBE (and so torchrec's QuantEmbeddingBagCollection) and torch's
+    ``embedding_bag_{byte,4bit,2bit}_rowwise_offsets`` all read int8 rows of any dim, int4 rows of
+    an even dim and int2 rows of a dim divisible by 4; jagbench accepts exactly those. (FBGEMM's own
+    quantizer op is stricter, a row's packed bytes even; torchrec pads rows to 16 bytes, which
+    limits no dim.)
+    """
+    per_byte = 8 // bits_of(t.dtype)
+    if t.embedding_dim % per_byte:
+        raise ProblemError(
+            f"table {t.name!r}: {t.dtype} packs {per_byte} codes a byte, so embedding_dim must be a "
+            f"multiple of {per_byte} (as the int-n lookups of FBGEMM, torchrec and torch require); "
+            f"got {t.embedding_dim}"
+        )
+
+
+def _check_quantized_weights(t: TableConfig, w: object) -> None:
+    """A quantized table's weights: a `QuantizedTable` of its storage with uint8 codes ``[rows,
+    dim]`` within ``0..2**bits - 1`` and finite float16 scale and bias ``[rows]``, all on the CPU."""
+    if not is_quantized(t):
+        raise ProblemError(
+            f"weights of table {t.name!r} are a QuantizedTable ({w.storage}), "
+            f"but the table's dtype is {dtype_name(t.dtype)}"
+        )
+    if not isinstance(w, QuantizedTable):
+        raise ProblemError(
+            f"weights of table {t.name!r} are a {type(w).__name__}; a {t.dtype} table needs a "
+            "harness.quantized.QuantizedTable (codes, scale, bias)"
+        )
+    if w.storage != t.dtype:
+        raise ProblemError(
+            f"weights of table {t.name!r} are stored {w.storage!r}, but the table's dtype is {t.dtype!r}"
+        )
+    rows, dim = t.num_embeddings, t.embedding_dim
+    for what, x, dtype, shape in (
+        ("codes", w.codes, torch.uint8, (rows, dim)),
+        ("scale", w.scale, torch.float16, (rows,)),
+        ("bias", w.bias, torch.float16, (rows,)),
+    ):
+        if (
+            not isinstance(x, torch.Tensor)
+            or x.dtype != dtype
+            or tuple(x.shape) != shape
+            or x.device.type != "cpu"
+        ):
+            raise ProblemError(
+                f"{what} of quantized table {t.name!r} must be a CPU {dtype_name(dtype)} tensor of shape "
+                f"{shape}, got {_described(x)}"
+            )
+    limit = levels_of(t.dtype)
+    if limit < 255 and rows and int(w.codes.max()) > limit:
+        r, c = (int(i) for i in (w.codes > limit).nonzero()[0])
+        raise ProblemError(
+            f"code out of range: table {t.name!r}, row {r}, column {c} has code {int(w.codes[r, c])}; "
+            f"{t.dtype} codes are 0..{limit}"
+        )
+    for what, x in (("scale", w.scale), ("bias", w.bias)):
+        bad = ~torch.isfinite(x)
+        if bool(bad.any()):
+            r = int(bad.nonzero()[0])
+            raise ProblemError(
+                f"non-finite {what}: table {t.name!r}, row {r} has {what} {float(x[r])}; "
+                "a quantized row's scale and bias must be finite"
             )
 
 
@@ -143,18 +220,31 @@ def check_batch_structure(
 
 
 def check_batch_lengths(batch: JaggedBatch) -> None:
-    """One pass over the lengths of a structurally valid batch: none negative, and they sum to the ids."""
+    """One pass over the lengths of a structurally valid batch: none negative, none longer than the
+    ids, and they sum to the ids (no length above the ids also means the int64 sum cannot wrap)."""
     lengths = batch.lengths.cpu()
-    if len(lengths) and int(lengths.min()) < 0:
-        i = int((lengths < 0).nonzero()[0])
-        b = batch.batch_size
-        raise ProblemError(
-            f"negative length {int(lengths[i])} for feature {batch.keys[i // b]!r}, "
-            f"sample {i % b} (lengths[{i}])"
-        )
-    total = int(lengths.to(torch.int64).sum())
-    if total != len(batch.values):
-        raise ProblemError(f"sum(lengths) = {total} but values has {len(batch.values)} ids")
+    n = len(batch.values)
+    b = batch.batch_size
+    if len(lengths):
+        low, high = (int(x) for x in torch.aminmax(lengths))
+        if low < 0:
+            i = int((lengths < 0).nonzero()[0])
+            raise ProblemError(
+                f"negative length {int(lengths[i])} for feature {batch.keys[i // b]!r}, "
+                f"sample {i % b} (lengths[{i}])"
+            )
+        if high > n:
+            i = int((lengths > n).nonzero()[0])
+            raise ProblemError(
+                f"length {int(lengths[i])} for feature {batch.keys[i // b]!r}, sample {i % b} "
+                f"(lengths[{i}]) is larger than the {n} ids of the batch"
+            )
+    if len(lengths) * n < 2**63:
+        total = int(lengths.to(torch.int64).sum())
+    else:  # so many lengths that even lengths of at most n could wrap an int64 sum
+        total = sum(lengths.tolist())
+    if total != n:
+        raise ProblemError(f"sum(lengths) = {total} but values has {n} ids")
 
 
 def check_weights_pooling(tables: Sequence[TableConfig], batch: JaggedBatch) -> None:
@@ -189,8 +279,8 @@ def check_lookup_batch(
 def validate_batch_layout(batch: JaggedBatch) -> None:
     """The jagged layout alone: keys, id and length dtypes, lengths against values, weights."""
     check_batch_structure(batch)
-    dup = sorted({k for k in batch.keys if batch.keys.count(k) > 1})
-    if dup:
+    if len(set(batch.keys)) != len(batch.keys):
+        dup = sorted({k for k in batch.keys if batch.keys.count(k) > 1})
         raise ProblemError(f"batch key {dup[0]!r} appears more than once")
     check_batch_lengths(batch)
 
@@ -203,15 +293,39 @@ def _features(tables: Sequence[TableConfig]) -> list[str]:
     return sorted(f for t in tables for f in t.feature_names)
 
 
-def _check_ids(table: TableConfig, key: str, ids: torch.Tensor, lengths: torch.Tensor) -> None:
-    bad = ((ids < 0) | (ids >= table.num_embeddings)).nonzero()
-    if len(bad) == 0:
+def _per_id(per_feature: list[int], counts: torch.Tensor) -> torch.Tensor:
+    """``per_feature[f]`` repeated for each of feature ``f``'s ``counts[f]`` ids (numpy's repeat:
+    torch's starts its OpenMP team, on which a forked child of this process would deadlock)."""
+    return torch.from_numpy(np.repeat(np.array(per_feature, dtype=np.int64), counts.numpy()))
+
+
+def _check_ids(batch: JaggedBatch, table_of: Mapping[str, TableConfig]) -> None:
+    """Every id within its feature's table, in one vectorised pass; the first bad one is named."""
+    n = len(batch.values)
+    if n == 0:
         return
-    pos = int(bad[0])
-    value = int(ids[pos])
-    ends = torch.cumsum(lengths.to(torch.int64), 0)
-    sample = int(torch.searchsorted(ends, pos, right=True))
-    start = int(ends[sample - 1]) if sample > 0 else 0
+    sizes = [table_of[k].num_embeddings for k in batch.keys]
+    values = batch.values
+    low, high = (int(x) for x in torch.aminmax(values))
+    if low >= 0 and high < min(sizes):  # the usual case: one pass over the ids
+        return
+    b = batch.batch_size
+    counts = batch.lengths.reshape(len(batch.keys), b).to(torch.int64).sum(1)
+    limit = _per_id(sizes, counts)
+    bad = (values < 0) | (values >= limit)
+    if not bool(bad.any()):
+        return
+    pos = int(torch.argmax(bad.to(torch.uint8)))
+    ends = torch.cumsum(counts, 0)
+    f = int(torch.searchsorted(ends, pos, right=True))
+    first = int(ends[f - 1]) if f > 0 else 0
+    key = batch.keys[f]
+    table = table_of[key]
+    pos -= first  # within the feature's ids
+    value = int(values[first + pos])
+    bag_ends = torch.cumsum(batch.lengths[f * b : (f + 1) * b].to(torch.int64), 0)
+    sample = int(torch.searchsorted(bag_ends, pos, right=True))
+    start = int(bag_ends[sample - 1]) if sample > 0 else 0
     what = "negative id" if value < 0 else "id out of range"
     raise ProblemError(
         f"{what}: feature {key!r}, sample {sample}, position {pos - start} in its bag "
@@ -246,22 +360,16 @@ def validate_problem(
             raise ProblemError(
                 f"batch key {k!r} is not a feature of any table (features: {sorted(table_of)})"
             )
-    for f, t in table_of.items():
-        if f not in batch.keys:
-            raise ProblemError(f"feature {f!r} of table {t.name!r} is missing from the batch")
+    if len(batch.keys) != len(table_of):  # keys are distinct and all features: the counts differ
+        keys = set(batch.keys)
+        f, t = next((f, t) for f, t in table_of.items() if f not in keys)
+        raise ProblemError(f"feature {f!r} of table {t.name!r} is missing from the batch")
     check_weights_pooling(tables, batch)
-    b = batch.batch_size
-    offsets = batch.offsets
-    new_values = []
-    for f, key in enumerate(batch.keys):
-        t = table_of[key]
-        lo, hi = int(offsets[f * b]), int(offsets[(f + 1) * b])
-        ids = batch.values[lo:hi]
-        if id_policy == "modulo":
-            new_values.append(torch.remainder(ids, t.num_embeddings))
-        else:
-            _check_ids(t, key, ids, batch.lengths[f * b : (f + 1) * b])
     if id_policy == "modulo":
-        values = torch.cat(new_values) if new_values else batch.values.clone()
-        return JaggedBatch(batch.keys, values.to(batch.values.dtype), batch.lengths, batch.weights)
+        b = batch.batch_size
+        counts = batch.lengths.reshape(len(batch.keys), b).to(torch.int64).sum(1)
+        limit = _per_id([table_of[k].num_embeddings for k in batch.keys], counts)
+        values = torch.remainder(batch.values, limit).to(batch.values.dtype)
+        return JaggedBatch(batch.keys, values, batch.lengths, batch.weights)
+    _check_ids(batch, table_of)
     return batch

@@ -9,6 +9,17 @@ problem that mixes poolings or table dtypes is not supported, nor are bfloat16 t
 Bounds check: ``bounds_check_mode`` is a constructor argument and part of the backend's name
 unless it is the default, FATAL (an invalid id raises). docs/torchrec-fbgemm.md records what each
 mode did with an invalid id on the CPU.
+
+Training (`FbgemmTBE.prepare_training`) is FBGEMM's fused backward-optimizer on the CPU: the TBE
+is built with ``optimizer`` EXACT_SGD, EXACT_ADAGRAD or EXACT_ROWWISE_ADAGRAD and the config's
+learning rate, eps, weight decay and ``WeightDecayMode`` (NONE, L2, DECOUPLE), with
+``stochastic_rounding=False``; ``output.backward(grad_output)`` runs the backward and the update
+in one op, and the tables are read back with ``split_embedding_weights()`` after each step. The
+per-sample weights are a leaf with ``requires_grad``; FBGEMM computes their gradient from the
+weights before the update. The weight-decay arguments are passed as given even where FBGEMM's
+CPU kernels do not use them (its docstring: EXACT_SGD and EXACT_ADAGRAD "do not support weight
+decay"; the constructor accepts it silently): the cases under ``cases/known/training/`` model
+what it computes instead.
 """
 
 from __future__ import annotations
@@ -19,7 +30,8 @@ from typing import Any
 import torch
 
 from harness.backend import BackendUnavailable, Lookup
-from harness.model import JaggedBatch, Pooling, TableConfig, output_columns
+from harness.model import JaggedBatch, Pooling, TableConfig, is_quantized, output_columns
+from harness.training.contract import OptimizerConfig, TrainResult, TrainStep
 
 DEFAULT_BOUNDS_CHECK = "FATAL"
 
@@ -60,6 +72,9 @@ class FbgemmTBE:
             )
 
     def supports(self, tables: Sequence[TableConfig], batch: JaggedBatch) -> str | None:
+        quantized = [t.name for t in tables if is_quantized(t)]
+        if quantized:
+            return f"quantized tables {quantized}: this TBE holds float tables (fbgemm-tbe-int-n runs quantized ones)"
         odd = sorted({t.embedding_dim for t in tables if t.embedding_dim % 4})
         if odd:
             return f"embedding_dim {odd}: FBGEMM's TBE asserts embedding_dim % 4 == 0"
@@ -71,8 +86,14 @@ class FbgemmTBE:
             return "mixed table dtypes: one TBE module has a single weights_precision"
         return None
 
-    def build(self, tables: Sequence[TableConfig], weights: Mapping[str, torch.Tensor]) -> Any:
-        """The TBE module holding the problem's weights (what `prepare` runs; the tests inspect it)."""
+    def build(
+        self,
+        tables: Sequence[TableConfig],
+        weights: Mapping[str, torch.Tensor],
+        optimizer: OptimizerConfig | None = None,
+    ) -> Any:
+        """The TBE module holding the problem's weights (what `prepare` runs; the tests inspect it);
+        with ``optimizer``, its fused optimizer (`fbgemm_optimizer_kwargs`)."""
         from fbgemm_gpu.split_embedding_configs import SparseType
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import (
             BoundsCheckMode,
@@ -95,6 +116,7 @@ class FbgemmTBE:
             pooling_mode=poolings[tables[0].pooling],
             bounds_check_mode=BoundsCheckMode[self.bounds_check_mode],
             device=torch.device("cpu"),
+            **({} if optimizer is None else fbgemm_optimizer_kwargs(optimizer)),
         )
         with torch.no_grad():
             for t, w in zip(tables, tbe.split_embedding_weights(), strict=True):
@@ -103,6 +125,76 @@ class FbgemmTBE:
 
     def prepare(self, tables: Sequence[TableConfig], weights: Mapping[str, torch.Tensor]) -> Lookup:
         return tbe_lookup(self.build(tables, weights), tables, self.id_dtype)
+
+    def supports_training(
+        self, tables: Sequence[TableConfig], batch: JaggedBatch, optimizer: OptimizerConfig
+    ) -> str | None:
+        return self.supports(tables, batch)
+
+    def prepare_training(
+        self, tables: Sequence[TableConfig], weights: Mapping[str, torch.Tensor], optimizer: OptimizerConfig
+    ) -> TrainStep:
+        tables = tuple(tables)
+        tbe = self.build(tables, weights, optimizer)
+        order = [f for _, f, _, _ in output_columns(tables)]
+        id_dtype = self.id_dtype
+
+        def step(batch: JaggedBatch, grad_output: torch.Tensor) -> TrainResult:
+            positions, lengths = feature_order(batch, order)
+            ids = batch.values[positions]
+            if id_dtype is not None:
+                ids = ids.to(id_dtype)
+            offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths).to(ids.dtype)
+            per_sample = None
+            if batch.weights is not None:
+                per_sample = batch.weights[positions].requires_grad_(True)
+            output = tbe(ids, offsets, per_sample_weights=per_sample)
+            output.backward(grad_output)
+            psw_grad = None
+            if per_sample is not None:
+                psw_grad = torch.empty_like(per_sample.grad)
+                psw_grad[positions] = per_sample.grad
+            new = dict(zip((t.name for t in tables), tbe.split_embedding_weights(), strict=True))
+            return TrainResult(output.detach(), new, psw_grad)
+
+        return step
+
+
+def feature_order(batch: JaggedBatch, order: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions of the batch's ids with its features in ``order`` (a TBE's feature order),
+    and the lengths in that order: ``values[positions]`` is the TBE's input."""
+    b = batch.batch_size
+    offsets = batch.offsets
+    pieces, lengths = [], []
+    for feature in order:
+        f = batch.keys.index(feature)
+        pieces.append(torch.arange(int(offsets[f * b]), int(offsets[(f + 1) * b]), dtype=torch.int64))
+        lengths.append(batch.lengths[f * b : (f + 1) * b].to(torch.int64))
+    return torch.cat(pieces), torch.cat(lengths)
+
+
+FBGEMM_OPTIMIZERS = {
+    "sgd": "EXACT_SGD",
+    "adagrad": "EXACT_ADAGRAD",
+    "rowwise_adagrad": "EXACT_ROWWISE_ADAGRAD",
+}
+FBGEMM_WEIGHT_DECAY_MODES = {"none": "NONE", "l2": "L2", "decoupled": "DECOUPLE"}
+
+
+def fbgemm_optimizer_kwargs(optimizer: OptimizerConfig) -> dict[str, Any]:
+    """The TBE constructor's optimizer arguments for ``optimizer`` (also torchrec's ``fused_params``):
+    the EXACT_* optimizer, learning rate, eps, weight decay and mode, no stochastic rounding."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import WeightDecayMode
+
+    return {
+        "optimizer": EmbOptimType[FBGEMM_OPTIMIZERS[optimizer.kind]],
+        "learning_rate": float(optimizer.learning_rate),
+        "eps": float(optimizer.eps),
+        "weight_decay": float(optimizer.weight_decay),
+        "weight_decay_mode": WeightDecayMode[FBGEMM_WEIGHT_DECAY_MODES[optimizer.weight_decay_mode]],
+        "stochastic_rounding": False,
+    }
 
 
 def tbe_lookup(tbe: Any, tables: Sequence[TableConfig], id_dtype: torch.dtype | None = None) -> Lookup:

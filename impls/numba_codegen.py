@@ -38,8 +38,17 @@ from numba.extending import intrinsic
 KIND_F32 = 0
 KIND_F16 = 1
 KIND_BF16 = 2
+# Row-wise quantized rows (`QUANTIZED_ROW_LAYOUT`): codes of 8, 4 or 2 bits, fp16 scale and bias.
+KIND_I8 = 3
+KIND_I4 = 4
+KIND_I2 = 5
 
 ELEMENT_BYTES = {KIND_F32: 4, KIND_F16: 2, KIND_BF16: 2}
+CODE_BITS = {KIND_I8: 8, KIND_I4: 4, KIND_I2: 2}
+FLOAT_KINDS = (KIND_F32, KIND_F16, KIND_BF16)
+QUANTIZED_KINDS = (KIND_I8, KIND_I4, KIND_I2)
+QPARAM_BYTES = 4
+QUANTIZED_ROW_LAYOUT = "[fp16 scale][fp16 bias][codes packed LSB-first], no padding"
 
 # Widest column block: 128 float32 accumulators are 8 AVX-512 (16 AVX2) registers.
 MAX_WIDTH = 256
@@ -52,7 +61,7 @@ I64 = ir.IntType(64)
 F32 = ir.FloatType()
 
 _ARGS = (
-    "ids", "lengths", "n_samples", "start", "last", "table", "rows", "row_bytes", "weights",
+    "ids", "lengths", "n_samples", "start", "last", "table", "rows", "row_bytes", "qparams", "weights",
     "weight_step", "ahead", "is_mean", "out", "out_stride",
 )  # fmt: skip
 
@@ -89,6 +98,70 @@ def _load_row(builder: ir.IRBuilder, address: ir.Value, width: int, kind: int) -
     return builder.bitcast(shifted, ir.VectorType(F32, width))
 
 
+def quantized_widths(kind: int) -> tuple[int, ...]:
+    """Block widths of the loops for a quantized ``kind``: those at least a byte's codes wide. The
+    problem model (`harness.validate`) takes int4 dims even and int2 dims multiples of 4, as the
+    libraries do; then every greedy block is a whole number of bytes and starts on a byte."""
+    per_byte = 8 // CODE_BITS[kind]
+    return tuple(w for w in block_widths() if w >= per_byte)
+
+
+def block_offset(kind: int, done: int) -> int:
+    """The byte offset of column ``done`` in a row of ``kind`` (after the qparams when quantized)."""
+    if kind in QUANTIZED_KINDS:
+        return QPARAM_BYTES + done * CODE_BITS[kind] // 8
+    return done * ELEMENT_BYTES[kind]
+
+
+def _load_codes(builder: ir.IRBuilder, address: ir.Value, width: int, kind: int) -> ir.Value:
+    """The ``width`` codes at ``address`` as ``<width x float>`` (exact: integers below 256): one
+    vector load of their bytes, widened to i32; below 8 bits, each lane's byte picked by a shuffle,
+    shifted right by its place (LSB first) and masked."""
+    bits = CODE_BITS[kind]
+    per_byte = 8 // bits
+    n_bytes = width // per_byte
+    ptr = builder.inttoptr(address, ir.PointerType(ir.VectorType(I8, n_bytes)))
+    wide = builder.zext(builder.load(ptr, align=1), ir.VectorType(I32, n_bytes))
+    lanes = ir.VectorType(I32, width)
+    if bits < 8:
+        byte_of = [i // per_byte for i in range(width)]
+        wide = builder.shuffle_vector(wide, ir.Constant(wide.type, ir.Undefined), ir.Constant(lanes, byte_of))
+        wide = builder.lshr(wide, ir.Constant(lanes, [(i % per_byte) * bits for i in range(width)]))
+        wide = builder.and_(wide, ir.Constant(lanes, [(1 << bits) - 1] * width))
+    return builder.uitofp(wide, ir.VectorType(F32, width))
+
+
+def _dequantized_row(
+    builder: ir.IRBuilder, codes_address: ir.Value, qparams: ir.Value, width: int, kind: int
+) -> ir.Value:
+    """``scale * q + bias`` as ``<width x float>``: the product is exact (an fp16 scale times a code
+    below 256 fits float32's 24 bits), the sum rounded once; no FMA (no fast-math flags)."""
+    scale_address = builder.add(codes_address, qparams)
+    half_ptr = ir.PointerType(ir.HalfType())
+    scale = builder.fpext(builder.load(builder.inttoptr(scale_address, half_ptr), align=1), F32)
+    bias_address = builder.add(scale_address, I64(2))
+    bias = builder.fpext(builder.load(builder.inttoptr(bias_address, half_ptr), align=1), F32)
+    q = _load_codes(builder, codes_address, width, kind)
+    return builder.fadd(builder.fmul(q, _splat(builder, scale, width)), _splat(builder, bias, width))
+
+
+def _prefetch_addresses(
+    builder: ir.IRBuilder, block: ir.Value, qparams: ir.Value, width: int, kind: int
+) -> list[ir.Value]:
+    """The addresses to prefetch for a row whose block starts at ``block``: every cache line of the
+    block; for a quantized row also its scale and bias and the block's last byte (such a row is
+    rarely aligned to a line: 68 bytes at int8 dim 64)."""
+    if kind in FLOAT_KINDS:
+        lines = -(-width * ELEMENT_BYTES[kind] // 64)
+        return [builder.add(block, I64(64 * line)) for line in range(lines)]
+    n_bytes = width * CODE_BITS[kind] // 8
+    addresses = [builder.add(block, qparams)]
+    addresses += [builder.add(block, I64(64 * line)) for line in range(-(-n_bytes // 64))]
+    if n_bytes > 1:
+        addresses.append(builder.add(block, I64(n_bytes - 1)))
+    return addresses
+
+
 def _define(module: ir.Module, width: int, kind: int) -> ir.Function:
     name = f"jagbench_bag_k{kind}_w{width}"
     fn = cgutils.get_or_insert_function(module, ir.FunctionType(I64, [I64] * len(_ARGS)), name)
@@ -103,7 +176,6 @@ def _define(module: ir.Module, width: int, kind: int) -> ir.Function:
         arg.name = arg_name
     vec = ir.VectorType(F32, width)
     zero = ir.Constant(vec, None)
-    lines = -(-width * ELEMENT_BYTES[kind] // 64)
     prefetch = cgutils.get_or_insert_function(
         module, ir.FunctionType(ir.VoidType(), [ir.PointerType(I8), I32, I32, I32]), "llvm.prefetch.p0"
     )
@@ -156,15 +228,18 @@ def _define(module: ir.Module, width: int, kind: int) -> ir.Function:
     later_id = b.load(b.gep(ids_ptr, [later], inbounds=True), align=8)
     later_id = b.select(b.icmp_unsigned("<", later_id, a["rows"]), later_id, I64(0))
     later_row = b.add(a["table"], b.mul(later_id, a["row_bytes"]))
-    for line in range(lines):
-        address = b.inttoptr(b.add(later_row, I64(64 * line)), ir.PointerType(I8))
-        b.call(prefetch, [address, I32(0), I32(3), I32(1)])
+    for address in _prefetch_addresses(b, later_row, a["qparams"], width, kind):
+        b.call(prefetch, [b.inttoptr(address, ir.PointerType(I8)), I32(0), I32(3), I32(1)])
     row = b.load(b.gep(ids_ptr, [p], inbounds=True), align=8)
     # One unsigned compare rejects negative and too-large ids alike.
     b.cbranch(b.icmp_unsigned("<", row, a["rows"]), id_good, id_bad)
 
     b.position_at_end(id_good)
-    x = _load_row(b, b.add(a["table"], b.mul(row, a["row_bytes"])), width, kind)
+    row_address = b.add(a["table"], b.mul(row, a["row_bytes"]))
+    if kind in QUANTIZED_KINDS:
+        x = _dequantized_row(b, row_address, a["qparams"], width, kind)
+    else:
+        x = _load_row(b, row_address, width, kind)
     weight = b.add(a["weights"], b.mul(p, a["weight_step"]))
     w = b.load(b.inttoptr(weight, ir.PointerType(F32)), align=4)
     x = b.fmul(x, _splat(b, w, width))
@@ -211,6 +286,13 @@ def _define(module: ir.Module, width: int, kind: int) -> ir.Function:
     return fn
 
 
+def generated_loops() -> tuple[tuple[int, int], ...]:
+    """``(kind, width)`` of every generated loop: each float kind at every block width, each
+    quantized kind at its `quantized_widths`."""
+    floats = tuple((k, w) for k in FLOAT_KINDS for w in block_widths())
+    return floats + tuple((k, w) for k in QUANTIZED_KINDS for w in quantized_widths(k))
+
+
 def _define_dispatch(module: ir.Module) -> ir.Function:
     """``jagbench_pool_block(kind, width, *args)``: a switch to the generated loop."""
     name = "jagbench_pool_block"
@@ -223,12 +305,11 @@ def _define_dispatch(module: ir.Module) -> ir.Function:
     code = b.add(b.mul(kind, I64(1 << 16)), width)
     unknown = fn.append_basic_block("unknown")
     switch = b.switch(code, unknown)
-    for k in (KIND_F32, KIND_F16, KIND_BF16):
-        for width_ in block_widths():
-            case = fn.append_basic_block(f"k{k}_w{width_}")
-            switch.add_case(I64((k << 16) + width_), case)
-            b.position_at_end(case)
-            b.ret(b.call(_define(module, width_, k), args))
+    for k, width_ in generated_loops():
+        case = fn.append_basic_block(f"k{k}_w{width_}")
+        switch.add_case(I64((k << 16) + width_), case)
+        b.position_at_end(case)
+        b.ret(b.call(_define(module, width_, k), args))
     b.position_at_end(unknown)
     b.ret(I64(UNKNOWN_BLOCK))
     return fn
@@ -253,12 +334,12 @@ def _pool_block_typer(typingctx, *args):  # noqa: ARG001 - numba's intrinsic sig
 
 @intrinsic
 def pool_block(
-    typingctx, kind, width, ids, lengths, n_samples, start, last, table, rows, row_bytes, weights,
-    weight_step, ahead, is_mean, out, out_stride,
+    typingctx, kind, width, ids, lengths, n_samples, start, last, table, rows, row_bytes, qparams,
+    weights, weight_step, ahead, is_mean, out, out_stride,
 ):  # fmt: skip
     """Pool one feature's bags for one column block of ``width`` (one of `block_widths`) of a
     table stored as ``kind``; the other arguments are those of the module docstring."""
     return _pool_block_typer(
-        typingctx, kind, width, ids, lengths, n_samples, start, last, table, rows, row_bytes, weights,
-        weight_step, ahead, is_mean, out, out_stride,
+        typingctx, kind, width, ids, lengths, n_samples, start, last, table, rows, row_bytes,
+        qparams, weights, weight_step, ahead, is_mean, out, out_stride,
     )  # fmt: skip

@@ -21,6 +21,7 @@ import torch
 
 from harness.backend import Lookup
 from harness.model import JaggedBatch, Pooling, TableConfig, output_columns, total_dim
+from harness.quantized import QUANTIZED_STORAGE, QuantizedTable, pack_codes, scale_bias_bytes
 from harness.validate import check_lookup_batch, validate_tables, validate_weights
 from impls import numba_kernels as k
 
@@ -40,7 +41,28 @@ PREFETCH_DISTANCE = 12
 # other threads costs more than they save, far more when the machine is busy (scripts/probe_numba.py).
 SERIAL_WORK = 1 << 20
 
-_KIND = {torch.float32: k.KIND_F32, torch.float16: k.KIND_F16, torch.bfloat16: k.KIND_BF16}
+_KIND = {
+    torch.float32: k.KIND_F32,
+    torch.float16: k.KIND_F16,
+    torch.bfloat16: k.KIND_BF16,
+    "int8": k.KIND_I8,
+    "int4": k.KIND_I4,
+    "int2": k.KIND_I2,
+}
+
+
+def quantized_rows(table: QuantizedTable) -> torch.Tensor:
+    """The kernel's quantized row layout (`impls.numba_codegen.QUANTIZED_ROW_LAYOUT`, FBGEMM's TBE
+    layout): uint8 ``[rows, 4 + packed bytes]``, each row its fp16 scale and bias, then its codes
+    packed LSB-first."""
+    return torch.cat([scale_bias_bytes(table), pack_codes(table.codes, table.storage)], dim=1).contiguous()
+
+
+def _stored(table: TableConfig, weights: torch.Tensor | QuantizedTable) -> torch.Tensor:
+    """What the kernel reads for ``table``: a float table in place (contiguous), a quantized one packed."""
+    if table.dtype in QUANTIZED_STORAGE:
+        return quantized_rows(weights)
+    return weights.detach().contiguous()
 
 
 @dataclass(frozen=True)
@@ -59,11 +81,13 @@ class NumbaLookup:
         self.width = total_dim(self.tables)
         self.has_mean = any(t.pooling is Pooling.MEAN for t in self.tables)
         # The kernel reads each table through its address: zero-copy, any dim and dtype, one call.
-        # self.storage keeps those tensors alive (a copy only where one was not contiguous).
-        self.storage = tuple(weights[t.name].detach().contiguous() for t in self.tables)
+        # self.storage keeps those tensors alive (a copy only where one was not contiguous, and
+        # quantized tables packed into the kernel's row layout).
+        self.storage = tuple(_stored(t, weights[t.name]) for t in self.tables)
         self.table_address = np.array([w.data_ptr() for w in self.storage], np.uint64).view(np.int64)
         self.table_rows = np.array([t.num_embeddings for t in self.tables], np.int64)
         self.table_dim = np.array([t.embedding_dim for t in self.tables], np.int64)
+        self.table_row_bytes = np.array([w.stride(0) * w.element_size() for w in self.storage], np.int64)
         self.table_kind = np.array([_KIND[t.dtype] for t in self.tables], np.int64)
         self.table_mean = np.array([t.pooling is Pooling.MEAN for t in self.tables], np.bool_)
         self.max_dim = int(self.table_dim.max())
@@ -143,6 +167,7 @@ class NumbaLookup:
             self.table_address,
             self.table_rows,
             self.table_dim,
+            self.table_row_bytes,
             self.table_kind,
             self.table_mean,
             chunk,

@@ -29,7 +29,18 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from impls.numba_codegen import KIND_BF16, KIND_F16, KIND_F32, MAX_WIDTH, UNKNOWN_BLOCK, pool_block
+from impls.numba_codegen import (
+    KIND_BF16,
+    KIND_F16,
+    KIND_F32,
+    KIND_I2,
+    KIND_I4,
+    KIND_I8,
+    MAX_WIDTH,
+    QPARAM_BYTES,
+    UNKNOWN_BLOCK,
+    pool_block,
+)
 
 # Error codes written to ``err[0]`` (``err[1:4]`` = position, value, limit), read by the adapter.
 OK = 0
@@ -38,7 +49,7 @@ LENGTHS_MISMATCH = 2
 BAD_ID = 3
 NO_LOOP = 4  # no generated loop for a table's (storage kind, block width): a bug, not bad input
 
-__all__ = ["KIND_BF16", "KIND_F16", "KIND_F32", "pool"]
+__all__ = ["KIND_BF16", "KIND_F16", "KIND_F32", "KIND_I2", "KIND_I4", "KIND_I8", "pool"]
 
 
 @intrinsic
@@ -68,6 +79,17 @@ def _load_i64(typingctx, address, index):  # noqa: ARG001
 
 
 @njit(inline="always")
+def _block_offset(kind, done):
+    """The byte offset of column ``done`` in a row of ``kind`` (`numba_codegen.block_offset`)."""
+    if kind == KIND_F32:
+        return done * 4
+    if kind == KIND_F16 or kind == KIND_BF16:
+        return done * 2
+    bits = 8 if kind == KIND_I8 else (4 if kind == KIND_I4 else 2)
+    return QPARAM_BYTES + done * bits // 8
+
+
+@njit(inline="always")
 def _first_error(per_chunk):
     """The smallest recorded position (-1 marks a chunk without error), or -1."""
     first = -1
@@ -89,6 +111,7 @@ def pool(
     table_address,
     table_rows,
     table_dim,
+    table_row_bytes,
     table_kind,
     table_mean,
     chunk,
@@ -102,8 +125,10 @@ def pool(
     per-sample weights when ``has_weights``, else a single 1.0 (each row is multiplied by it).
 
     ``feature_table[f]`` is the table of batch key ``f`` and ``feature_col[f]`` its first output
-    column. Table ``t`` is a C-contiguous ``[table_rows[t], table_dim[t]]`` array at address
-    ``table_address[t]``, stored as ``table_kind[t]`` (a ``KIND_*`` code); the caller keeps it alive.
+    column. Table ``t`` is ``table_rows[t]`` rows of ``table_row_bytes[t]`` bytes at address
+    ``table_address[t]``, each row ``table_dim[t]`` elements stored as ``table_kind[t]`` (a
+    ``KIND_*`` code: a float type, or a quantized row as `numba_codegen.QUANTIZED_ROW_LAYOUT`
+    says); the caller keeps it alive.
     Bags are pooled ``chunk`` samples per parallel work item, prefetching the row of the id
     ``ahead_by`` positions ahead. ``err`` (int64[4]) receives the code, position, value and limit
     of the first error.
@@ -157,13 +182,14 @@ def pool(
             t = feature_table[f]
             kind = table_kind[t]
             dim = table_dim[t]
-            element = 4 if kind == KIND_F32 else 2
+            row_bytes = table_row_bytes[t]
             mean = np.int64(1 if table_mean[t] else 0)
             done = 0
             while done < dim:
                 width = MAX_WIDTH
                 while width > dim - done:
                     width //= 2
+                offset = _block_offset(kind, done)
                 first_bad = pool_block(
                     kind,
                     width,
@@ -172,9 +198,10 @@ def pool(
                     s1 - s0,
                     starts[f, c],
                     ids_end,
-                    table_address[t] + done * element,
+                    table_address[t] + offset,
                     table_rows[t],
-                    dim * element,
+                    row_bytes,
+                    -offset,
                     weights_address,
                     weight_step,
                     ahead_by,

@@ -20,6 +20,20 @@ Batch slicing: rank ``r`` gets samples ``sample_ranges(B, N)[r]`` (the first ``B
 more). A rank with no samples would hand torchrec an empty KeyedJaggedTensor, which it rejects
 (cases/known/torchrec-kjt-batch-size-0-raises.json), so ``supports`` declines batches smaller than
 the world size, batch 0 included.
+
+Training (``prepare_training``): one sharded EBC per run, built at the first step (torchrec fixes
+``is_weighted`` at construction) with ``EmbeddingBagCollectionSharder(fused_params=...)``, FBGEMM's
+fused optimizer (`impls.torchrec_sharded_worker.build_sharded_training`, which also explains why
+torchrec's division of the gradient by the world size is turned off), the initial weights written
+into the shards and read back. Each step sends rank ``r`` its slice of the batch and the same
+samples' rows of grad_output; the forward, the backward all-to-all and the fused update run over
+all ranks, and each rank returns its pooled rows and its shards after the update, which are put
+back together into whole tables by their offsets. Batches with per-sample weights are declined:
+torchrec computes no gradient for them. Plans:
+table-wise, column-wise and table-column-wise (column shards of whole 4-column blocks,
+`impls.torchrec_sharded_worker.training_column_widths`); row-wise and data-parallel are declined
+(`impls.torchrec_sharded_worker.training_unsupported` says why). The rank pool is the forward's:
+the same timeouts, and the same handling of a rank that fails, dies or hangs.
 """
 
 from __future__ import annotations
@@ -41,6 +55,7 @@ import torch
 
 from harness.backend import BackendUnavailable, Lookup
 from harness.model import JaggedBatch, TableConfig, total_dim
+from harness.training.contract import OptimizerConfig, TrainResult, TrainStep
 from impls import torchrec_sharded_worker as worker
 
 START_TIMEOUT_S = 180.0
@@ -361,6 +376,57 @@ class TorchrecSharded:
 
         weakref.finalize(lookup, pool.release_later, key)
         return lookup
+
+    def supports_training(
+        self, tables: Sequence[TableConfig], batch: JaggedBatch, optimizer: OptimizerConfig
+    ) -> str | None:
+        return worker.training_unsupported(self.sharding_type, self.world_size, tables, batch)
+
+    def prepare_training(
+        self, tables: Sequence[TableConfig], weights: Mapping[str, torch.Tensor], optimizer: OptimizerConfig
+    ) -> TrainStep:
+        pool = get_pool(self.world_size)
+        key = pool.new_key()
+        tables = tuple(tables)
+        start = {t.name: weights[t.name].contiguous().clone() for t in tables}
+        world = self.world_size
+        built: list[bool] = []
+
+        def setup(is_weighted: bool) -> None:
+            fd, path = tempfile.mkstemp(prefix="weights-", suffix=".pt", dir=_shm_dir())
+            os.close(fd)
+            try:
+                torch.save(start, path)
+                msg = ("train_setup", key, tables, self.sharding_type, path, optimizer, is_weighted)
+                self.last_shards = pool.call("sharding the tables for training", [msg] * world)
+            finally:
+                os.unlink(path)
+            built.append(is_weighted)
+
+        def step(batch: JaggedBatch, grad_output: torch.Tensor) -> TrainResult:
+            if not built:
+                setup(batch.weights is not None)
+            ranges = worker.sample_ranges(batch.batch_size, world)
+            msgs = [
+                (
+                    "train_step",
+                    key,
+                    worker.pack_batch(batch.select_samples(a, b)),
+                    grad_output[a:b].contiguous().numpy(),
+                )
+                for a, b in ranges
+            ]
+            parts = pool.call("training one step", msgs)
+            output = torch.from_numpy(np.concatenate([p["output"] for p in parts], axis=0))
+            new = {t.name: torch.empty_like(start[t.name]) for t in tables}
+            for p in parts:
+                for name, r0, c0, values in p["shards"]:
+                    rows, cols = values.shape
+                    new[name][r0 : r0 + rows, c0 : c0 + cols] = torch.from_numpy(values)
+            return TrainResult(output.reshape(batch.batch_size, total_dim(tables)), new, None)
+
+        weakref.finalize(step, pool.release_later, key)
+        return step
 
 
 def _factory(short: str) -> Any:

@@ -4,8 +4,9 @@ One module, two ways to run it:
 
 - As a pool worker (`serve`), started by `impls.torchrec_sharded` and driven over a pipe: it
   joins a gloo process group once, then answers ``setup`` (shard the problem's tables, load their
-  weights into the shards and read them back), ``lookup`` (pool this rank's slice of the batch)
-  and ``release`` messages until told to stop or its parent goes away.
+  weights into the shards and read them back), ``lookup`` (pool this rank's slice of the batch),
+  ``train_setup`` / ``train_step`` (the training module and one step on this rank's slice, see
+  `build_sharded_training`) and ``release`` messages until told to stop or its parent goes away.
 - Under ``torchrun`` (`main`), on one or many machines (NCCL on GPUs, gloo on CPUs): every rank
   builds the same seeded problems, looks up its slice and rank 0 checks the gathered result
   against the reference. See docs/sharding.md.
@@ -16,21 +17,20 @@ Everything torchrec is imported inside functions, so importing this module needs
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import select
 import signal
 import sys
 import threading
 import traceback
-import warnings
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
 import torch
 
-from harness.model import JaggedBatch, TableConfig, output_columns
+from harness.expected_warnings import install as install_expected_warnings
+from harness.model import JaggedBatch, TableConfig, is_quantized, output_columns
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_column_wise", "data_parallel")
 PG_TIMEOUT = timedelta(seconds=120)
@@ -58,6 +58,9 @@ def unsupported(
     sharding_type: str, world_size: int, tables: Sequence[TableConfig], batch: JaggedBatch
 ) -> str | None:
     """Why this plan cannot run the problem here, or ``None``."""
+    quantized = [t.name for t in tables if is_quantized(t)]
+    if quantized:
+        return f"quantized tables {quantized}: the sharded EBC here holds float tables (the quantized backends run them)"
     if batch.batch_size < world_size:
         return (
             f"batch of {batch.batch_size} samples over {world_size} ranks: a rank would get no "
@@ -73,6 +76,48 @@ def unsupported(
             "forward (split_embedding_cpu_forward) is not implemented for BFloat16"
         )
     return None
+
+
+TRAINING_SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise")
+"""The plans that train with torchrec's fused kernel on the CPU (`training_unsupported`)."""
+TBE_DIM_UNIT = 4
+"""FBGEMM's TBE asserts every table's (and so every column shard's) dim is a multiple of 4."""
+
+
+def training_column_widths(dim: int, world_size: int) -> list[int]:
+    """A column-wise plan's shards for training: whole 4-column blocks over the ranks, as even as
+    possible (`harness.training.known.column_shard_widths`, the column-shard model's rule)."""
+    from harness.training.known import column_shard_widths
+
+    return column_shard_widths(dim, world_size, TBE_DIM_UNIT)
+
+
+def training_unsupported(
+    sharding_type: str, world_size: int, tables: Sequence[TableConfig], batch: JaggedBatch
+) -> str | None:
+    """Why this plan cannot train the problem here, or ``None``."""
+    if sharding_type == "row_wise":
+        return (
+            "row_wise: torchrec's planner offers no row-wise plan with the fused (training) kernel on the "
+            "CPU, and forced by an explicit plan its backward fails here (a GPU-only op, 'weights[0] must "
+            "be a GPU or MTIA tensor'; gloo allgather size mismatches when the ranks' slices differ)"
+        )
+    if sharding_type == "data_parallel":
+        return (
+            "data_parallel: torchrec replicates such tables with the dense kernel only (trained by DDP and a "
+            "dense optimizer), no fused optimizer"
+        )
+    if batch.weights is not None:
+        return (
+            "per-sample weights: torchrec's sharded EBC moves them to the shards' ranks in its input "
+            "all-to-all, outside autograd, so their gradient is never computed"
+        )
+    odd = sorted({t.embedding_dim for t in tables if t.embedding_dim % TBE_DIM_UNIT})
+    if odd:
+        return f"embedding_dim {odd}: FBGEMM's TBE under the fused kernel asserts embedding_dim % 4 == 0"
+    # The forward plans' checks of the batch (a rank needs samples) and of bfloat16; not their
+    # narrow-dim check: a training column-wise plan keeps a table narrower than 8 columns whole.
+    return unsupported("table_wise", world_size, tables, batch)
 
 
 def pack_batch(batch: JaggedBatch) -> dict[str, Any]:
@@ -95,7 +140,14 @@ def unpack_batch(d: Mapping[str, Any]) -> JaggedBatch:
 
 
 def _parameter_shardings(
-    sharding_type: str, tables: Sequence[TableConfig], module: torch.nn.Module, world_size: int, device: str
+    sharding_type: str,
+    tables: Sequence[TableConfig],
+    module: torch.nn.Module,
+    world_size: int,
+    device: str,
+    sharder: Any = None,
+    widths: Any = column_split,
+    compute_kernel: str | None = None,
 ) -> dict[str, Any]:
     """The explicit per-table plan (torchrec's planner is not asked: it refuses some plans on CPU).
 
@@ -116,17 +168,18 @@ def _parameter_shardings(
 
     def generator(i: int) -> Any:
         if sharding_type == "table_wise":
-            return table_wise(rank=i % world_size)
+            return table_wise(rank=i % world_size, compute_kernel=compute_kernel)
         if sharding_type == "row_wise":
-            return row_wise()
+            return row_wise(compute_kernel=compute_kernel)
         if sharding_type in ("column_wise", "table_column_wise"):
-            return column_wise(size_per_rank=column_split(tables[i].embedding_dim, world_size))
+            size = widths(tables[i].embedding_dim, world_size)
+            return column_wise(size_per_rank=size, compute_kernel=compute_kernel)
         return data_parallel()
 
     plan = construct_module_sharding_plan(
         module,
         {t.name: generator(i) for i, t in enumerate(tables)},
-        sharder=EmbeddingBagCollectionSharder(),
+        sharder=sharder or EmbeddingBagCollectionSharder(),
         local_size=world_size,
         world_size=world_size,
         device_type=device,
@@ -160,6 +213,75 @@ def build_sharded(
     return EmbeddingBagCollectionSharder().shard(
         ebc, params, ShardingEnv.from_process_group(pg), device=device
     )
+
+
+def build_sharded_training(
+    tables: Sequence[TableConfig],
+    sharding_type: str,
+    optimizer: Any,
+    *,
+    is_weighted: bool,
+    world_size: int,
+    device: torch.device,
+    pg: Any,
+) -> torch.nn.Module:
+    """The sharded EBC for training: ``EmbeddingBagCollectionSharder(fused_params=...)`` with
+    FBGEMM's fused optimizer (`impls.fbgemm_tbe.fbgemm_optimizer_kwargs`: the EXACT_* optimizer,
+    learning rate, eps, weight decay and mode, no stochastic rounding) and the ``fused`` compute
+    kernel (the explicit plan's default on the CPU is ``dense``, which leaves the update to a
+    separate optimizer), under the explicit plan (column shards of whole 4-column blocks,
+    `training_column_widths`).
+
+    torchrec divides the pooled embeddings' gradient by the world size in the backward all-to-all
+    (``comm_ops.GRADIENT_DIVISION``, on by default, to match DDP's averaging of a per-rank mean
+    loss). Here grad_output is the gradient of the *whole* batch's loss, already a sum over the
+    samples of every rank, so nothing is owed to averaging: the division is turned off
+    (``set_gradient_division(False)``) in this rank's process.
+    """
+    from torchrec.distributed import comm_ops
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.types import ShardingEnv
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    from impls.fbgemm_tbe import fbgemm_optimizer_kwargs
+    from impls.torchrec_ebc import embedding_bag_configs
+
+    comm_ops.set_gradient_division(False)
+    sharder = EmbeddingBagCollectionSharder(fused_params=fbgemm_optimizer_kwargs(optimizer))
+    ebc = EmbeddingBagCollection(
+        embedding_bag_configs(tables), is_weighted=is_weighted, device=torch.device("meta")
+    )
+    params = _parameter_shardings(
+        sharding_type, tables, ebc, world_size, device.type, sharder=sharder, widths=training_column_widths,
+        compute_kernel="fused",
+    )  # fmt: skip
+    return sharder.shard(ebc, params, ShardingEnv.from_process_group(pg), device=device)
+
+
+def local_train_step(
+    module: torch.nn.Module, tables: Sequence[TableConfig], batch: JaggedBatch, grad_output: torch.Tensor
+) -> dict[str, Any]:
+    """One training step on this rank's slice of the batch and of grad_output (the forward, the
+    backward with its all-to-all and the fused update happen across all ranks together).
+
+    Returns this rank's pooled ``output`` (contract column order, rebuilt by key) and its shards
+    after the update: ``[(table, row offset, column offset, values), ...]``. Per-sample weights go
+    in as they are: torchrec computes no gradient for them (`training_unsupported`).
+    """
+    from torchrec.distributed.types import Awaitable
+
+    out = module(batch.to_kjt())
+    if isinstance(out, Awaitable):
+        out = out.wait()
+    by_key = out.to_dict()
+    output = torch.cat([by_key[feature] for _, feature, _, _ in output_columns(tables)], dim=1)
+    output.backward(grad_output)
+    shards = []
+    with torch.no_grad():
+        for name, entry in _weight_entries(module).items():
+            for local, (r0, c0), _ in _local_pieces(entry):
+                shards.append((name, r0, c0, local.detach().cpu().clone().numpy()))
+    return {"output": output.detach().to(torch.float32).numpy(), "shards": shards}
 
 
 def _weight_entries(module: torch.nn.Module) -> dict[str, Any]:
@@ -270,11 +392,9 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 def _quiet() -> None:
-    """torchrec and torch.distributed log advice at WARNING on every sharding; errors still show."""
-    for name in ("torchrec", "torch", "fbgemm_gpu"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    """torchrec and torch log advice on every sharding: the expected kinds are counted for the
+    command's summary (`harness.expected_warnings`), not printed; anything else still shows."""
+    install_expected_warnings()
 
 
 def serve(rank: int, world_size: int, store_port: int, conn: Any, parent_pid: int) -> None:
@@ -325,6 +445,26 @@ def serve(rank: int, world_size: int, store_port: int, conn: Any, parent_pid: in
                 tables, built = models[key]
                 batch = unpack_batch(packed)
                 reply = local_lookup(built[batch.weights is not None], tables, batch).numpy()
+            elif op == "train_setup":
+                _, key, tables, sharding_type, weights_path, optimizer, is_weighted = msg
+                weights = torch.load(weights_path, mmap=True, weights_only=True)
+                module = build_sharded_training(
+                    tables, sharding_type, optimizer, is_weighted=is_weighted, world_size=world_size,
+                    device=device, pg=pg,
+                )  # fmt: skip
+                reply = load_and_verify(module, weights)
+                models[key] = (tables, {is_weighted: module})
+            elif op == "train_step":
+                _, key, packed, grad = msg
+                tables, built = models[key]
+                batch = unpack_batch(packed)
+                weighted = batch.weights is not None
+                if weighted not in built:
+                    raise ValueError(
+                        f"the training module was built for {'un' if weighted else ''}weighted batches "
+                        "(torchrec fixes is_weighted at construction); this step's batch is not"
+                    )
+                reply = local_train_step(built[weighted], tables, batch, torch.from_numpy(grad))
             elif op == "release":
                 for key in msg[1]:
                     models.pop(key, None)
@@ -384,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dist.all_gather_object(gathered, local)
         if rank == 0:
             oracle = Oracle.of(tables, weights, batch)
-            c = compare(torch.cat(gathered), oracle.reference.value, oracle.bound)
+            c = compare(torch.cat(gathered), oracle.reference.value, oracle.tolerance)
             failures += not c.agree
             print(f"seed {seed}: {args.sharding} x{world}: {c.describe()}", flush=True)
     dist.destroy_process_group()

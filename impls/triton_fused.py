@@ -28,12 +28,20 @@ import torch
 
 from harness.backend import BackendUnavailable, Lookup
 from harness.model import JaggedBatch, Pooling, TableConfig, output_columns, total_dim
+from harness.quantized import QUANTIZED_STORAGE, QuantizedTable, pack_codes
+from harness.training.contract import OptimizerConfig, TrainStep
 from harness.validate import check_batch_lengths, check_lookup_batch, validate_tables, validate_weights
 
 # Under the interpreter, (ids in the batch) x (widest dim) above this is reported unsupported:
 # the interpreter pools about half a million such elements a second, and a fuzz or check run should
 # not stall on a benchmark-sized problem that a CPU backend does in milliseconds.
 INTERPRETER_MAX_WORK = 1 << 20
+# The interpreter runs the grid's programs one after another and each program's loop over its
+# bags' ids step by step (tens of milliseconds a step on a busy 2-core machine): above these, the
+# problem is reported unsupported too. Steps: each feature's longest bag, summed over features (a
+# lower bound on the loop iterations of all programs); programs: features x blocks of samples.
+INTERPRETER_MAX_STEPS = 512
+INTERPRETER_MAX_PROGRAMS = 512
 
 # Columns of one program's tile: the widest dim rounded up to a power of two, within these bounds.
 MIN_BLOCK_D = 16
@@ -45,6 +53,40 @@ MAX_BLOCK_B = 64
 NUM_WARPS = 4
 # Loop steps unrolled per iteration (more row loads in flight per program).
 UNROLL = 2
+# Bytes per element counted for a quantized table's tile (codes are read as bytes, pooled in float32).
+QUANTIZED_TILE_ITEMSIZE = 2
+# A quantized table's codes start at a multiple of this many bytes in the codes buffer, so the
+# kernel's alignment hint on a table's base (a multiple of ``vec``, at most 8) holds for them too.
+QUANTIZED_BASE_ALIGN = 16
+
+
+def _quantized_buffers(
+    tables: Sequence[TableConfig],
+    weights: Mapping[str, QuantizedTable],
+    device: torch.device,
+    base: dict[str, int],
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """The quantized tables' packed codes (uint8, tables back to back, each from a multiple of
+    `QUANTIZED_BASE_ALIGN`; its byte offset goes into ``base``) and their rows' fp16 scale and bias
+    (interleaved, tables back to back; each table's first row returned). 1-element placeholders
+    when there are none."""
+    if not tables:
+        return torch.zeros(1, dtype=torch.uint8, device=device), torch.zeros(1, dtype=torch.float16, device=device), {}
+    packed = {t.name: pack_codes(weights[t.name].codes, t.dtype) for t in tables}
+    size, first_row, rows = 0, {}, 0
+    for t in tables:
+        base[t.name] = size
+        size += -(-packed[t.name].numel() // QUANTIZED_BASE_ALIGN) * QUANTIZED_BASE_ALIGN
+        first_row[t.name] = rows
+        rows += t.num_embeddings
+    codes = torch.zeros(size, dtype=torch.uint8, device=device)
+    qparams = torch.empty(2 * rows, dtype=torch.float16, device=device)
+    for t in tables:
+        q = weights[t.name]
+        codes[base[t.name] : base[t.name] + packed[t.name].numel()].copy_(packed[t.name].reshape(-1))
+        r = first_row[t.name]
+        qparams[2 * r : 2 * (r + t.num_embeddings)].copy_(torch.stack([q.scale, q.bias], dim=1).reshape(-1))
+    return codes, qparams, first_row
 
 
 def _next_pow2(n: int) -> int:
@@ -76,6 +118,7 @@ class _KeyLayout:
     mean: torch.Tensor
     kind: torch.Tensor
     rows: torch.Tensor
+    qrow: torch.Tensor
 
 
 class TritonLookup:
@@ -88,11 +131,15 @@ class TritonLookup:
         device: torch.device,
         interpret: bool,
         tuning: Tuning,
+        *,
+        exact_bfloat16: bool = False,
     ) -> None:
         from impls import triton_kernels as k
 
         self.kernel = k.kernel(interpret)
         self.device = device
+        # bfloat16 rows widened by their bits (exact under the interpreter too; the training step's).
+        self.exact_bfloat16 = exact_bfloat16
         self.tables = tuple(tables)
         self.width = total_dim(self.tables)
         self.has_mean = any(t.pooling is Pooling.MEAN for t in self.tables)
@@ -100,28 +147,33 @@ class TritonLookup:
             torch.float32: k.KIND_F32.value,
             torch.float16: k.KIND_F16.value,
             torch.bfloat16: k.KIND_BF16.value,
+            "int8": k.KIND_I8.value,
+            "int4": k.KIND_I4.value,
+            "int2": k.KIND_I2.value,
         }
+        floats = [t for t in self.tables if t.dtype not in QUANTIZED_STORAGE]
+        quantized = [t for t in self.tables if t.dtype in QUANTIZED_STORAGE]
 
-        # One buffer per storage dtype, tables back to back, filled table by table (no second
+        # One buffer per float storage dtype, tables back to back, filled table by table (no second
         # host copy). A table's first element in its buffer is its base (int64: may pass 2**31).
         sizes: dict[torch.dtype, int] = {}
         self.table_base: dict[str, int] = {}
-        for t in self.tables:
+        for t in floats:
             self.table_base[t.name] = sizes.get(t.dtype, 0)
             sizes[t.dtype] = sizes.get(t.dtype, 0) + t.num_embeddings * t.embedding_dim
         buffers = {d: torch.empty(n, dtype=d, device=device) for d, n in sizes.items()}
-        for t in self.tables:
+        for t in floats:
             base = self.table_base[t.name]
             n = t.num_embeddings * t.embedding_dim
             buffers[t.dtype][base : base + n].copy_(weights[t.name].detach().reshape(-1))
-        if len(buffers) == 1:
-            (only,) = buffers.items()
-            self.only_kind = kind_of[only[0]]
-            self.w_a = self.w_b = self.w_c = only[1]
+        self.w_q, self.w_s, self.table_qrow = _quantized_buffers(quantized, weights, device, self.table_base)
+        kinds = {kind_of[t.dtype] for t in self.tables}
+        self.only_kind = kinds.pop() if len(kinds) == 1 else k.MIXED.value
+        if len(buffers) == 1 and not quantized:
+            self.w_a = self.w_b = self.w_c = next(iter(buffers.values()))
         else:
             # Mixed storage dtypes: one launch still, each program reads through the pointer of
-            # its feature's dtype (the other two are 1-element placeholders when absent).
-            self.only_kind = k.MIXED.value
+            # its feature's dtype (the others are 1-element placeholders when absent).
             slots = [
                 buffers.get(d, torch.zeros(1, dtype=d, device=device))
                 for d in (torch.float32, torch.float16, torch.bfloat16)
@@ -133,7 +185,7 @@ class TritonLookup:
         self.kind_of = kind_of
         max_dim = max(t.embedding_dim for t in self.tables)
         self.block_d = min(max(_next_pow2(max_dim), MIN_BLOCK_D), MAX_BLOCK_D)
-        itemsize = max(t.dtype.itemsize for t in self.tables)
+        itemsize = max(QUANTIZED_TILE_ITEMSIZE if t.dtype in QUANTIZED_STORAGE else t.dtype.itemsize for t in self.tables)
         self.block_b = tuning.block_b or max(1, min(MAX_BLOCK_B, TILE_BYTES // (self.block_d * itemsize)))
         self.unroll = tuning.unroll
         self.dim_blocks = -(-max_dim // self.block_d)
@@ -178,6 +230,7 @@ class TritonLookup:
                 mean=column([int(t.pooling is Pooling.MEAN) for t in tables]),
                 kind=column([self.kind_of[t.dtype] for t in tables]),
                 rows=column([t.num_embeddings for t in tables]),
+                qrow=column([self.table_qrow.get(t.name, 0) for t in tables]),
             )
             self._layouts[keys] = layout
         return layout
@@ -209,12 +262,15 @@ class TritonLookup:
             self.w_a,
             self.w_b,
             self.w_c,
+            self.w_q,
+            self.w_s,
             layout.base,
             layout.dim,
             layout.col,
             layout.mean,
             layout.kind,
             layout.rows,
+            layout.qrow,
             error,
             out,
             b,
@@ -226,6 +282,7 @@ class TritonLookup:
             ONLY_KIND=self.only_kind,
             VEC=self.vec,
             UNROLL=self.unroll,
+            EXACT_BF16=self.exact_bfloat16,
             **self._launch_options,
         )
         if int(error.item()) != 0:
@@ -284,12 +341,46 @@ class TritonFused:
                     f"{max(t.embedding_dim for t in tables)} exceed its limit of {INTERPRETER_MAX_WORK} "
                     "(the interpreter checks logic, not speed)"
                 )
+            n, b = len(batch.keys), batch.batch_size
+            if n and b:
+                steps = int(batch.lengths.reshape(n, b).max(dim=1).values.sum())
+                programs = n * -(-b // MAX_BLOCK_B)
+                if steps > INTERPRETER_MAX_STEPS or programs > INTERPRETER_MAX_PROGRAMS:
+                    return (
+                        f"no CUDA device, and under Triton's interpreter {steps} serial steps (each "
+                        f"feature's longest bag, summed) or {programs} programs exceed its limits of "
+                        f"{INTERPRETER_MAX_STEPS} and {INTERPRETER_MAX_PROGRAMS} (the interpreter "
+                        "checks logic, not speed)"
+                    )
         return None
 
     def prepare(self, tables: Sequence[TableConfig], weights: Mapping[str, torch.Tensor]) -> Lookup:
         validate_tables(tables)
         validate_weights(tables, weights)
         return TritonLookup(tables, weights, self.device, self.interpret, self.tuning)
+
+    def supports_training(
+        self, tables: Sequence[TableConfig], batch: JaggedBatch, optimizer: OptimizerConfig
+    ) -> str | None:
+        """The training kernel's limits (`impls.triton_training`), and under the interpreter the
+        forward's and the update's."""
+        from impls.triton_training import interpreter_limit, training_limit
+
+        reason = training_limit(tables, optimizer)
+        if reason is None and self.interpret:
+            reason = self.supports(tables, batch) or interpreter_limit(tables, batch)
+        return reason
+
+    def prepare_training(
+        self, tables: Sequence[TableConfig], weights: Mapping[str, torch.Tensor], optimizer: OptimizerConfig
+    ) -> TrainStep:
+        """Our own copy of the tables on the device, trained by `impls.triton_training.TritonTrainStep`."""
+        from impls.triton_training import TritonTrainStep
+
+        validate_tables(tables)
+        validate_weights(tables, weights)
+        lookup = TritonLookup(tables, weights, self.device, self.interpret, self.tuning, exact_bfloat16=True)
+        return TritonTrainStep(tables, lookup, optimizer, self.interpret)
 
 
 def triton_interpreted() -> TritonFused:

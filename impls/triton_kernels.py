@@ -17,6 +17,10 @@ interpreter refuses to call them. The body therefore uses only Triton builtins (
 interpreter patches on every call) plus `_larger`, a combine function that both modes can call
 (the interpreter calls its ``.fn``).
 
+``EXACT_BF16`` (the training step sets it) widens bfloat16 rows by their bits instead of
+``.to(tl.float32)``, whose interpreter version turns subnormals wrong
+(cases/known/triton-interpreter-bfloat16-subnormal.json); compiled, both give the same bits.
+
 Work decomposition (see docs/triton.md for the why): program ``(p, q)`` pools ``BLOCK_B``
 consecutive samples of one feature (``p`` = feature * sample blocks + block) over columns
 ``q * BLOCK_D .. q * BLOCK_D + BLOCK_D`` of that feature's table. Each step of its loop gathers
@@ -40,6 +44,11 @@ import triton.language as tl
 KIND_F32 = tl.constexpr(0)
 KIND_F16 = tl.constexpr(1)
 KIND_BF16 = tl.constexpr(2)
+# Row-wise quantized tables: 8-, 4- or 2-bit codes (``8 >> (kind - KIND_I8)`` bits) packed
+# LSB-first in the codes buffer, each row's fp16 scale and bias in the qparams buffer.
+KIND_I8 = tl.constexpr(3)
+KIND_I4 = tl.constexpr(4)
+KIND_I2 = tl.constexpr(5)
 # The ``ONLY_KIND`` of a launch whose tables have more than one storage dtype.
 MIXED = tl.constexpr(-1)
 
@@ -57,12 +66,15 @@ def pool_kernel_body(
     w_a,  # the weights buffer (ONLY_KIND >= 0), or the float32 buffer (mixed)
     w_b,  # the float16 buffer (mixed only; a 1-element dummy otherwise)
     w_c,  # the bfloat16 buffer (mixed only; a 1-element dummy otherwise)
-    feat_base,  # int64 [n_keys]: element offset of the key's table in its buffer
+    w_q,  # uint8: quantized tables' packed codes, row after row (a 1-element dummy without them)
+    w_s,  # float16: quantized tables' rows' scale and bias, interleaved (a 1-element dummy without them)
+    feat_base,  # int64 [n_keys]: element offset of the key's table in its buffer (quantized: byte offset)
     feat_dim,  # int64 [n_keys]: embedding_dim of the key's table
     feat_col,  # int64 [n_keys]: first output column of the key
     feat_mean,  # int64 [n_keys]: 1 when the key's table pools by MEAN
     feat_kind,  # int64 [n_keys]: KIND_* of the key's table (read when mixed)
     feat_rows,  # int64 [n_keys]: num_embeddings of the key's table
+    feat_qrow,  # int64 [n_keys]: the key's quantized table's first row in w_s (0 for float tables)
     error,  # int64 [1]: set to 1 when an id is outside its table (that id is skipped, not read)
     out,  # float32 [batch, out_stride]
     batch,
@@ -74,6 +86,7 @@ def pool_kernel_body(
     ONLY_KIND: tl.constexpr,
     VEC: tl.constexpr,
     UNROLL: tl.constexpr,
+    EXACT_BF16: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -107,6 +120,16 @@ def pool_kernel_body(
     acc = tl.full([BLOCK_B, BLOCK_D], 0.0, tl.float32)
     if ONLY_KIND == MIXED:
         kind = tl.load(feat_kind + f)
+    else:
+        kind = ONLY_KIND
+    # Quantized tables: a row's codes start at base + id * row_bytes; column c's code is in byte
+    # c // per_byte at bit (c % per_byte) * bits. (Float kinds give some other bits, never used.)
+    bits = 8 >> ((kind - KIND_I8) & 3)
+    per_byte = 8 // bits
+    row_bytes = (dim * bits + 7) // 8
+    qrow = tl.load(feat_qrow + f)
+    code_byte = (cols // per_byte)[None, :]
+    code_shift = ((cols % per_byte) * bits)[None, :]
     # Bags that met an id outside their table; flagged once after the loop (a store inside it would
     # keep the compiler from issuing the next step's loads early).
     outside = samples < 0
@@ -128,20 +151,45 @@ def pool_kernel_body(
                     rows = tl.load(w_a + where, mask=mask, other=0.0).to(tl.float32)
                 elif kind == KIND_F16:
                     rows = tl.load(w_b + where, mask=mask, other=0.0).to(tl.float32)
+                elif kind == KIND_BF16:
+                    rows = tl.load(w_c + where, mask=mask, other=0.0)
+                    if EXACT_BF16:
+                        rows = (rows.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+                    else:
+                        rows = rows.to(tl.float32)
                 else:
-                    rows = tl.load(w_c + where, mask=mask, other=0.0).to(tl.float32)
+                    codes = tl.load(w_q + ((base + ids * row_bytes)[:, None] + code_byte), mask=mask, other=0)
+                    codes = (codes.to(tl.int32) >> code_shift) & ((1 << bits) - 1)
+                    qparam = (qrow + ids) * 2
+                    scale = tl.load(w_s + qparam, mask=live, other=0.0).to(tl.float32)
+                    shift = tl.load(w_s + qparam + 1, mask=live, other=0.0).to(tl.float32)
+                    # The product is exact (fp16 scale x code < 256): an FMA here rounds the same.
+                    rows = codes.to(tl.float32) * scale[:, None] + shift[:, None]
+            elif ONLY_KIND >= KIND_I8:
+                codes = tl.load(w_q + ((base + ids * row_bytes)[:, None] + code_byte), mask=mask, other=0)
+                codes = (codes.to(tl.int32) >> code_shift) & ((1 << bits) - 1)
+                qparam = (qrow + ids) * 2
+                scale = tl.load(w_s + qparam, mask=live, other=0.0).to(tl.float32)
+                shift = tl.load(w_s + qparam + 1, mask=live, other=0.0).to(tl.float32)
+                rows = codes.to(tl.float32) * scale[:, None] + shift[:, None]
             else:
-                rows = tl.load(w_a + where, mask=mask, other=0.0).to(tl.float32)
+                rows = tl.load(w_a + where, mask=mask, other=0.0)
+                if ONLY_KIND == KIND_BF16 and EXACT_BF16:
+                    # The bits widened by hand: exact in both modes (the module docstring).
+                    rows = (rows.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+                else:
+                    rows = rows.to(tl.float32)
             if HAS_WEIGHTS:
-                scale = tl.load(per_sample + pos, mask=live, other=0.0)
-                rows = rows * scale[:, None]
+                weight = tl.load(per_sample + pos, mask=live, other=0.0)
+                rows = rows * weight[:, None]
             acc += rows
 
     tl.store(error + samples * 0, outside.to(tl.int64), mask=outside)
 
     if HAS_MEAN:
         if tl.load(feat_mean + f) != 0:
-            acc = acc / tl.maximum(length, 1).to(tl.float32)[:, None]
+            # div_rn: compiled, `/` is div.full.f32 (about 2 ulp), not one IEEE rounding.
+            acc = tl.div_rn(acc, tl.maximum(length, 1).to(tl.float32)[:, None])
 
     target = samples.to(tl.int64)[:, None] * out_stride + (col0 + cols)[None, :]
     tl.store(out + target, acc, mask=sample_live[:, None] & col_live[None, :])

@@ -80,6 +80,7 @@ def cmd_fuzz(out: Path, seconds: float, backends: list[str]) -> int:
     from harness.backend import load_backend
     from harness.fuzz.driver import fuzz
     from harness.fuzz.format import format_report
+    from harness.progress import progress_for
 
     chosen = [load_backend(b) for b in backends]
     report = fuzz(
@@ -88,7 +89,7 @@ def cmd_fuzz(out: Path, seconds: float, backends: list[str]) -> int:
         time_budget=seconds,
         save_dir=out / "regressions",
         shrink_budget=min(30.0, seconds / 2),
-        progress=lambda m: print(m, file=sys.stderr, flush=True),
+        progress=progress_for(),
     )
     text = format_report(report)
     (out / "fuzz.md").write_text(text + "\n")

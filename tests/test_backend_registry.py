@@ -94,3 +94,34 @@ def test_cli_backends_lists_them(capsys):
 def test_cli_reports_a_bad_backend_as_usage_error(capsys):
     assert main(["check", "--backend", "nope", "--problems", "1"]) == 2
     assert "unknown backend 'nope'" in capsys.readouterr().err
+
+
+def test_a_backend_file_imports_the_modules_beside_it_as_python_file_py_would(tmp_path, monkeypatch):
+    (tmp_path / "helper.py").write_text("from impls.reference import ReferenceBackend as Base\n")
+    (tmp_path / "mykernel.py").write_text(
+        "from helper import Base\n\nclass K(Base):\n    name = 'mykernel'\n"
+    )
+    monkeypatch.chdir(tmp_path.parent)  # not the file's folder: it is importable all the same
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    assert load_backend(f"{tmp_path.name}/mykernel.py:K").name == "mykernel"
+
+
+@pytest.mark.parametrize(
+    "source, line, error",
+    [
+        ("import os\nfrom no_such_helper_xyz import pool\n", 2, "ModuleNotFoundError: No module named"),
+        ("x = 1\ny = 1 / 0\n", 2, "ZeroDivisionError: division by zero"),
+        ("def broken(:\n", 1, "SyntaxError: "),
+    ],
+    ids=["missing-module", "raises", "syntax"],
+)
+def test_a_backend_file_that_fails_to_import_gets_one_line_with_file_line_and_error_and_exit_2(
+    tmp_path, capsys, source, line, error
+):
+    path = tmp_path / "bad_kernel.py"
+    path.write_text(source)
+    assert main(["check", "--backend", f"{path}:K", "--problems", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"jagbench check: cannot load backend '{path}:K': {path}:{line}: {error}")
+    assert "Traceback" not in err[0]

@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from pytest_benchmark.stats import Stats
 
+from harness.bench import runner as bench_runner
 from harness.bench.compare import compare_runs
+from harness.bench.conditions import CacheFlush, background_load
+from harness.bench.forward import ForwardCase
 from harness.bench.metrics import byte_model
+from harness.bench.noise import noise_summary
+from harness.bench.paired import all_pairs, speedup
+from harness.bench.runner import BenchConfig, _Run, run_bench
 from harness.bench.runs import load_run
+from harness.bench.summary import format_summary
+from harness.bench.timing import Slot, time_interleaved
 from harness.bench.workloads import (
     STANDARD,
     WorkloadError,
@@ -26,8 +38,74 @@ from harness.bench.workloads import (
 from harness.cli import main
 from harness.model import JaggedBatch, TableConfig
 from harness.report.document import write_report
+from impls.torch_embedding_bag import TorchEmbeddingBag
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- a fake machine: time that passes only when a fake backend works -------------------------------
+
+
+class FakeMachine:
+    """A clock that advances only by `spend`, scaled by the machine's slowness at that moment."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slowness: Callable[[float], float] = lambda t: 1.0
+
+    def timer(self) -> float:
+        return self.now
+
+    def spend(self, seconds: float) -> None:
+        self.now += seconds * self.slowness(self.now)
+
+
+class PacedBackend(TorchEmbeddingBag):
+    """torch's (correct) result, with a fake cost per call: ``costs[k]`` from its k-th ``prepare`` on
+    (each repeat prepares again), so a test can make a backend slower in one repeat."""
+
+    def __init__(self, name: str, machine: FakeMachine, costs: Sequence[float]) -> None:
+        super().__init__(name=name)
+        self.machine, self.costs, self.prepared = machine, list(costs), 0
+
+    def prepare(self, tables, weights):  # type: ignore[no-untyped-def]
+        inner = super().prepare(tables, weights)
+        cost = self.costs[min(self.prepared, len(self.costs) - 1)]
+        self.prepared += 1
+
+        def lookup(batch):  # type: ignore[no-untyped-def]
+            self.machine.spend(cost)
+            return inner(batch)
+
+        return lookup
+
+
+def paced_config(
+    machine: FakeMachine,
+    json_path: Path,
+    costs: dict[str, Sequence[float]],
+    workloads: Sequence[str] = ("tiny",),
+    **kw: object,
+) -> BenchConfig:
+    """A run of paced backends on the fake clock, with a fixed number of rounds."""
+    options: dict[str, object] = {
+        "baseline": next(iter(costs)),
+        "min_rounds": 12,
+        "max_rounds": 12,
+        "warmup_rounds": 1,
+        "min_round_s": 0.002,
+        "check_samples": 8,
+        "bandwidth_bytes": 1 << 20,
+        "timer": machine.timer,
+        "probe": False,
+    }
+    options.update(kw)
+    return BenchConfig(
+        backends=[PacedBackend(n, machine, c) for n, c in costs.items()],
+        workloads=get_workloads(list(workloads)),
+        json_path=json_path,
+        **options,  # type: ignore[arg-type]
+    )
 
 
 # --- byte model ------------------------------------------------------------------------------
@@ -226,10 +304,17 @@ def test_bench_json_records_cases_machine_and_bandwidth(tiny_run) -> None:  # ty
         assert info["gbps"] == pytest.approx(info["bytes"] / b["stats"]["median"] / 1e9)
         assert info["bandwidth_fraction"] == pytest.approx(info["gbps"] / machine["memory_bandwidth_gbps"])
     assert timed["torch"]["extra_info"]["speedup_vs_baseline"] == 1.0
-    ref = timed["reference"]
-    assert ref["extra_info"]["speedup_vs_baseline"] == pytest.approx(
-        timed["torch"]["stats"]["median"] / ref["stats"]["median"]
-    )
+    ref, base = timed["reference"], timed["torch"]
+    # Interleaved: both timed in the same rounds; the speedup is the median of the per-round ratios.
+    assert ref["extra_info"]["rounds"]["round"] == base["extra_info"]["rounds"]["round"]
+    ratios = np.asarray(base["stats"]["data"]) / np.asarray(ref["stats"]["data"])
+    assert ref["extra_info"]["speedup_vs_baseline"] == pytest.approx(float(np.median(ratios)))
+    low, high = ref["extra_info"]["speedup_interval"]
+    assert low <= ref["extra_info"]["speedup_vs_baseline"] <= high
+    assert ref["extra_info"]["interleaved_with"] == ["torch"]
+    noise = section["noise"]
+    assert noise["reference_s"] > 0 and {w["workload"] for w in noise["windows"]} == {"tiny", "tiny-half"}
+    assert section["conditions"]["caches"] == "warm" and section["conditions"]["load"] == {"processes": 0}
 
 
 def test_report_writes_markdown_html_and_plots(tiny_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -253,23 +338,23 @@ def test_report_writes_markdown_html_and_plots(tiny_run, tmp_path: Path) -> None
     assert len(pngs) == 2 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
 
 
-def test_an_interrupted_run_is_read_from_its_sidecar(tiny_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    data = json.loads(tiny_run[0].read_text())
-    partial = tmp_path / "cut.json.partial.jsonl"
-    lines = [
-        {
-            "format": "jagbench-run/1",
-            "partial": True,
-            "machine_info": data["machine_info"],
-            "commit_info": data["commit_info"],
-            "jagbench": data["jagbench"],
-        },
-        {"benchmark": data["benchmarks"][0]},
-    ]
-    partial.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    run = load_run(tmp_path / "cut.json")
-    assert run.partial and len(run.benchmarks) == 1
-    write_report([run], tmp_path / "r")
+def test_an_interrupted_run_is_read_from_its_sidecar(tmp_path: Path) -> None:
+    machine = FakeMachine()
+    json_path = tmp_path / "cut.json"
+    config = paced_config(
+        machine, json_path, {"fast": [0.001], "slow": [0.002]}, workloads=["tiny", "cache-resident"]
+    )
+    run = _Run(config, None)
+    run.bandwidth = {"gbps": 10.0}
+    run.partial_path.write_text("")
+    header = {"format": "jagbench-run/2", "partial": True, "machine_info": {}, "commit_info": {}}
+    run.append({**header, "jagbench": run.section(), "options": run.options()})
+    run.window(config.workloads[0], 0, 0)  # the first workload finished, then the run was cut
+    loaded = load_run(json_path)
+    assert loaded.partial and {b["extra_info"]["workload"] for b in loaded.benchmarks} == {"tiny"}
+    slow = loaded.case("slow", "tiny")
+    assert slow["extra_info"]["speedup_vs_baseline"] == pytest.approx(0.5)  # rebuilt and paired
+    write_report([loaded], tmp_path / "r")
     assert "interrupted run" in (tmp_path / "r" / "report.md").read_text()
 
 
@@ -334,3 +419,361 @@ def test_compare_flags_different_versions_and_never_turns_errors_into_verdicts(
     with pytest.raises(SystemExit) as usage:
         main(["compare", str(base), str(base), "--threshold", "ten"])
     assert usage.value.code == 2
+
+
+# --- interleaved timing ------------------------------------------------------------------------
+
+
+def _slots(machine: FakeMachine, costs: dict[str, float]) -> list[Slot]:
+    return [Slot(name, lambda c=cost: machine.spend(c)) for name, cost in costs.items()]
+
+
+def test_rounds_interleave_every_backend_in_a_new_seeded_order() -> None:
+    machine = FakeMachine()
+    costs = {"a": 0.001, "b": 0.002, "c": 0.003}
+
+    def timed(seed: int):  # type: ignore[no-untyped-def]
+        return time_interleaved(
+            _slots(machine, costs), 60, rng=np.random.default_rng(seed), warmup_rounds=2, timer=machine.timer
+        )
+
+    run = timed(7)
+    assert len(run.orders) == 60 and all(sorted(o) == [0, 1, 2] for o in run.orders)
+    assert len({tuple(o) for o in run.orders}) == 6  # every order occurs: drawn anew each round
+    firsts = [o[0] for o in run.orders]
+    assert min(firsts.count(i) for i in range(3)) >= 10  # each backend leads about a third of the rounds
+    for i, t in enumerate(run.slots):
+        assert t.rounds == list(range(60)) and len(t.seconds) == 60  # every backend in every round
+        assert t.positions == [o.index(i) for o in run.orders]
+        assert t.seconds == pytest.approx([costs[t.name]] * 60)
+    assert timed(7).orders == run.orders and timed(8).orders != run.orders  # seeded
+
+
+def test_interleaving_gives_the_true_ratio_through_a_burst_that_block_timing_gets_wrong() -> None:
+    machine = FakeMachine()
+    machine.slowness = lambda t: 3.0 if t > 0.04 else 1.0  # a co-tenant's burst from t = 40 ms on
+    run = time_interleaved(
+        _slots(machine, {"a": 0.001, "b": 0.002}), 40, rng=np.random.default_rng(0), timer=machine.timer
+    )
+    a, b = (
+        {
+            "extra_info": {
+                "backend": t.name,
+                "workload": "w",
+                "rounds": {"repeat": [0] * 40, "round": t.rounds},
+            },
+            "stats": {"data": t.seconds, "median": float(np.median(t.seconds))},
+        }
+        for t in run.slots
+    )
+    assert speedup(a, b).speedup == pytest.approx(2.0)  # a is twice as fast, burst or not
+    # The same two backends timed one block after the other: the burst lands on b's block only.
+    machine.now = 0.0
+    blocks = [
+        time_interleaved(_slots(machine, {n: c}), 40, rng=np.random.default_rng(0), timer=machine.timer)
+        for n, c in (("a", 0.001), ("b", 0.002))
+    ]
+    assert np.median(blocks[1].slots[0].seconds) / np.median(blocks[0].slots[0].seconds) > 2.5
+
+
+def _bench(backend: str, times: np.ndarray, repeats: Sequence[int] | None = None) -> dict:  # type: ignore[type-arg]
+    n = len(times)
+    info: dict[str, object] = {"backend": backend, "workload": "w"}
+    if repeats is not None:
+        info["rounds"] = {"repeat": list(repeats), "round": list(range(n)), "position": [0] * n}
+    return {"extra_info": info, "stats": {"data": times.tolist(), "median": float(np.median(times))}}
+
+
+def test_speedup_is_the_median_of_paired_ratios_with_a_bootstrap_interval() -> None:
+    rng = np.random.default_rng(3)
+    machine = rng.lognormal(0.0, 0.5, 101)  # how slow the machine was in each round
+    base = _bench("torch", 0.002 * machine, [0] * 101)
+    fast = _bench("numba", 0.001 * machine, [0] * 101)
+    s = speedup(fast, base)
+    assert s.paired and s.pairs == 101
+    assert s.speedup == pytest.approx(2.0) and s.low == pytest.approx(2.0) and s.high == pytest.approx(2.0)
+    # Faster in two rounds of three: paired, 2.0; the ratio of the two medians would say 0.5.
+    a, b = (
+        _bench("numba", np.array([0.5, 4.0, 5.0]), [0] * 3),
+        _bench("torch", np.array([1.0, 2.0, 10.0]), [0] * 3),
+    )
+    assert speedup(a, b).speedup == pytest.approx(2.0)
+    noisy = _bench("numba", 0.001 * machine * rng.lognormal(0.0, 0.05, 101), [0] * 101)
+    s = speedup(noisy, base)
+    assert s.low < s.speedup < s.high and s.low < 2.0 < s.high and s.high / s.low < 1.1
+    old = speedup(_bench("numba", 0.001 * machine), _bench("torch", 0.002 * machine))
+    assert not old.paired and old.low is None  # a run without round ids: the ratio of medians
+
+
+def test_noise_monitor_warns_about_the_window_where_the_machine_drifted() -> None:
+    steady = [1e-3 * (1 + 0.01 * (i % 3)) for i in range(40)]
+    windows = [
+        {
+            "workload": "wide",
+            "repeat": 0,
+            "probe": steady,
+            "cases": [{"backend": "numba"}, {"backend": "torch"}],
+        },
+        {
+            "workload": "dlrm-like",
+            "repeat": 0,
+            "probe": steady[:20] + [1.5e-3] * 20,  # the machine slowed half way through
+            "cases": [{"backend": "numba"}, {"backend": "torch"}],
+        },
+        {"workload": "many-small", "repeat": 1, "probe": [1.3e-3] * 40, "cases": [{"backend": "numba"}]},
+    ]
+    summary = noise_summary(windows, threshold=0.10)
+    quiet = float(np.median(steady))
+    assert summary["reference_s"] == pytest.approx(quiet)  # the quietest window's median probe
+    by_workload = {w["workload"]: w for w in summary["windows"]}
+    assert by_workload["wide"]["level"] == 1.0 and by_workload["wide"]["drift"] < 1.05
+    assert by_workload["dlrm-like"]["drift"] == pytest.approx(1.5e-3 / quiet, rel=0.01)
+    assert by_workload["many-small"]["level"] == pytest.approx(1.3e-3 / quiet)
+    assert by_workload["many-small"]["drift"] == 1.0 and by_workload["many-small"]["noisy_rounds"] == 40
+    warnings = summary["warnings"]
+    assert len(warnings) == 2 and not any(w.startswith("wide") for w in warnings)
+    assert (
+        warnings[0].startswith("dlrm-like (repeat 1)")
+        and "numba x dlrm-like, torch x dlrm-like" in warnings[0]
+    )
+    assert "drifted by 1.4" in warnings[0] and "20 of 40 rounds" in warnings[0]
+    level = by_workload["many-small"]["level"]
+    assert warnings[1].startswith(
+        f"many-small (repeat 2): the reference kernel ran at {level:.2f}x its level"
+    )
+
+
+def test_repeat_reports_each_speedups_spread_and_keeps_pytest_benchmarks_stats(tmp_path: Path) -> None:
+    machine = FakeMachine()
+    # slow is 2.0x fast's time in the first repeat and 2.2x in the second: a spread of 1.1.
+    config = paced_config(machine, tmp_path / "r.json", {"fast": [0.001], "slow": [0.002, 0.0022]}, repeat=2)
+    result = run_bench(config)
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert set(data) >= {"machine_info", "commit_info", "benchmarks", "datetime", "version", "jagbench"}
+    fast, slow = (
+        next(b for b in data["benchmarks"] if b["extra_info"]["backend"] == n) for n in ("fast", "slow")
+    )
+    assert fast["stats"]["iterations"] == 2 and slow["stats"]["iterations"] == 1  # spans of >= 2 ms
+    for b in (fast, slow):
+        stats = Stats()
+        for t in b["stats"]["data"]:
+            stats.update(t)
+        assert {k: b["stats"][k] for k in Stats.fields} == pytest.approx(
+            stats.as_dict()
+        )  # its own statistics
+        rounds = b["extra_info"]["rounds"]
+        assert rounds["repeat"] == [0] * 12 + [1] * 12 and rounds["round"] == list(range(12)) * 2
+    assert fast["stats"]["data"] == pytest.approx([0.001] * 24)  # per call: the span over its iterations
+    info = slow["extra_info"]
+    assert info["speedup_by_repeat"] == pytest.approx([0.5, 1 / 2.2])
+    assert info["speedup_spread"] == pytest.approx(1.1)
+    pair = data["jagbench"]["pairs"][0]
+    assert (pair["backend"], pair["over"]) == ("fast", "slow") and pair["by_repeat"] == pytest.approx(
+        [2.0, 2.2]
+    )
+    assert pair["spread"] == pytest.approx(1.1)
+    (flipped,) = all_pairs(list(reversed(data["benchmarks"])))  # the faster one first, whatever the order
+    assert (flipped.fast, flipped.slow, flipped.speedup) == ("fast", "slow", pytest.approx(2.1))
+    text = format_summary(result.output)
+    assert "| tiny     | fast over slow | 2.000 / 2.200      | 1.100   |" in text
+    assert "Largest spread: 1.100 (fast over slow on tiny)" in text
+    write_report([load_run(tmp_path / "r.json")], tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "Spread of each paired speedup over 2 repeats (largest 1.100" in md and "0.50 / 0.45 (1.100)" in md
+
+
+def test_flush_and_load_apply_to_every_timed_call_and_are_recorded(tmp_path: Path) -> None:
+    machine = FakeMachine()
+    config = paced_config(
+        machine, tmp_path / "cold.json", {"fast": [0.001], "slow": [0.002]}, flush_mib=1, load=1
+    )
+    run = _Run(config, None)
+    spawned = []
+    real_load = bench_runner.background_load
+
+    def watched(n: int):  # type: ignore[no-untyped-def]
+        spawned.append(n)
+        return real_load(n)
+
+    bench_runner.background_load = watched  # type: ignore[assignment]
+    try:
+        result = run.run()
+    finally:
+        bench_runner.background_load = real_load  # type: ignore[assignment]
+    assert spawned == [1] and run.load_pids and not _alive(run.load_pids[0])
+    assert run.flush is not None and run.flush.calls == 2 * (12 + 1)  # every span of every round, warm-up too
+    assert all(b["stats"]["iterations"] == 1 for b in result.benchmarks)  # one call per span when cold
+    section = result.jagbench
+    assert section["conditions"]["caches"] == "cold" and section["conditions"]["flush_mib"] == 1
+    assert section["conditions"]["load"] == {"processes": 1}
+    assert result.benchmarks[0]["extra_info"]["conditions"]["caches"] == "cold"
+    write_report([load_run(tmp_path / "cold.json")], tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "Caches cold (flush 1 MiB before every timed call); background load: 1 spinning process" in md
+
+
+def test_cache_flush_reads_and_writes_its_whole_buffer() -> None:
+    flush = CacheFlush(1)
+    flush()
+    flush()
+    assert flush.buffer.numel() * 4 == 1 << 20 and int(flush.buffer.min()) == int(flush.buffer.max()) == 2
+    with pytest.raises(ValueError, match="> 0 MiB"):
+        CacheFlush(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_background_load_spins_during_the_block_and_stops_after_ctrl_c() -> None:
+    with pytest.raises(KeyboardInterrupt), background_load(2) as pids:
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        time.sleep(1.0)
+        assert all(_cpu_seconds(p) > 0.1 for p in pids)  # spinning, not sleeping
+        raise KeyboardInterrupt
+    assert not any(_alive(p) for p in pids)
+
+
+# --- recorded, not timed -----------------------------------------------------------------------
+
+
+def test_a_known_raise_is_recorded_as_known_with_its_case_name_and_not_timed(tmp_path: Path) -> None:
+    """Issue 14: `bench --workload weighted-mixed --backend torchrec` crashed with UnboundLocalError."""
+    pytest.importorskip("torchrec")
+    workload = tmp_path / "weighted-half.json"
+    workload.write_text(
+        json.dumps(
+            {
+                "format": "jagbench-workload/1",
+                "name": "weighted-half",
+                "batch_size": 8,
+                "weighted": True,
+                "tables": [
+                    {
+                        "num_embeddings": 20,
+                        "embedding_dim": 4,
+                        "dtype": "float16",
+                        "bag": {"dist": "fixed", "L": 3},
+                    }
+                ],
+            }
+        )
+    )
+    out = tmp_path / "run.json"
+    args = ["bench", "--workload", str(workload), "--backend", "torchrec", "--backend", "torch"]
+    args += ["--json", str(out), "--max-time", "0.01", "--min-rounds", "3", "--bandwidth-mib", "1", "--quiet"]
+    assert main(args) == 0
+    section = json.loads(out.read_text())["jagbench"]
+    assert section["known"] == [
+        {
+            "backend": "torchrec",
+            "workload": "weighted-half",
+            "case": "torchrec-half-table-weighted-raises",
+            "detail": section["known"][0]["detail"],
+        }
+    ]
+    assert section["failed"] == []
+    timed = {b["extra_info"]["backend"] for b in json.loads(out.read_text())["benchmarks"]}
+    assert timed == {"torch"}  # torchrec not timed; torch's float16 output is a known discrepancy, timed
+    write_report([load_run(out)], tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert (
+        "known discrepancy, not timed: torchrec x weighted-half: case `torchrec-half-table-weighted-raises`"
+        in md
+    )
+
+
+def test_a_new_kind_of_case_plugs_into_the_same_timing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class TwiceCase(ForwardCase):
+        """Two lookups per call, counted as twice the bytes: a stand-in for a training step."""
+
+        mode = "twice"
+        test_name = "test_twice"
+        byte_model_text = "twice the forward bytes"
+
+        def prepare(self):  # type: ignore[no-untyped-def]
+            call = super().prepare()
+            return lambda: (call(), call())[1]
+
+        def byte_model(self) -> dict[str, int]:
+            return {k: 2 * v for k, v in super().byte_model().items()}
+
+    monkeypatch.setitem(bench_runner.CASE_KINDS, "twice", TwiceCase)
+    machine = FakeMachine()
+    result = run_bench(paced_config(machine, tmp_path / "t.json", {"fast": [0.001]}, mode="twice"))
+    (b,) = result.benchmarks
+    assert b["name"] == "test_twice[fast@tiny]" and b["extra_info"]["mode"] == "twice"
+    assert b["stats"]["median"] == pytest.approx(0.002)  # the call the case made is what was timed
+    problem = get_workloads(["tiny"])[0].problem()
+    assert b["extra_info"]["bytes"] == 2 * byte_model(problem.tables, problem.batch)["bytes"]
+    assert result.jagbench["byte_model"] == "twice the forward bytes" and result.jagbench["mode"] == "twice"
+
+
+def test_bench_options_are_checked_before_anything_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    for bad in (["--flush-cache", "0"], ["--repeat", "0"], ["--min-rounds", "0"]):
+        with pytest.raises(SystemExit) as usage:
+            main(["bench", "--json", "/dev/null", *bad])
+        assert usage.value.code == 2
+    assert main(["bench", "--json", "/dev/null", "--load", "-1"]) == 2
+    assert "--load must be >= 0" in capsys.readouterr().err
+    assert main(["bench", "--json", "/dev/null", "--mode", "sideways"]) == 2
+    assert "unknown --mode 'sideways'; known: forward" in capsys.readouterr().err
+
+
+# --- compare with paired rounds ------------------------------------------------------------------
+
+
+def _paired_run(path: Path, machine: float, numba_factor: float, seed: int) -> Path:
+    """torch and numba on one workload in 40 interleaved rounds; ``machine`` scales both."""
+    rng = np.random.default_rng(seed)
+    burst = machine * rng.lognormal(0.0, 0.1, 40)  # the machine's speed in each round, shared
+    benchmarks = []
+    for backend, ms in (("torch", 1.0), ("numba", 0.8 * numba_factor)):
+        data = (ms * 1e-3 * burst * rng.lognormal(0.0, 0.01, 40)).tolist()
+        benchmarks.append(
+            {
+                "name": f"test_lookup[{backend}@w]",
+                "extra_info": {
+                    "backend": backend,
+                    "workload": "w",
+                    "bytes": 1e8,
+                    "ids": 1e5,
+                    "rounds": {"repeat": [0] * 40, "round": list(range(40)), "position": [0] * 40},
+                },
+                "stats": {"median": float(np.median(data)), "iqr": 0.0, "rounds": 40, "data": data},
+            }
+        )
+    path.write_text(json.dumps({"machine_info": {}, "commit_info": {}, "benchmarks": benchmarks}))
+    return path
+
+
+def test_compare_relative_to_the_baseline_cancels_a_slower_machine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = _paired_run(tmp_path / "base.json", 1.0, 1.0, 1)
+    busy = _paired_run(tmp_path / "busy.json", 1.3, 1.0, 2)  # the same code on a 30% slower machine
+    worse = _paired_run(tmp_path / "worse.json", 1.0, 1.3, 3)  # numba itself 30% slower
+    assert main(["compare", str(base), str(busy)]) == 1  # by time, both "regressed"
+    capsys.readouterr()
+    assert main(["compare", str(base), str(busy), "--relative"]) == 0
+    out = capsys.readouterr().out
+    assert "vs torch: new/base" in out and "judged relative to the baseline" in out
+    assert main(["compare", str(base), str(worse), "--relative"]) == 1
+    capsys.readouterr()
+    result = compare_runs(load_run(base), load_run(worse), relative=True)
+    (numba,) = [c for c in result.changes if c.backend == "numba"]
+    assert numba.regressed and numba.relative == pytest.approx(1.3, rel=0.03) and numba.basis == "vs baseline"
+    assert main(["compare", str(base), str(worse), "--relative", "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "REGRESSED: numba x w" in captured.err

@@ -1,29 +1,37 @@
-"""Every saved case under cases/ replays as it says: regressions agree, known discrepancies persist."""
+"""Every saved case under cases/ replays as it says: regressions agree, known discrepancies persist
+and are still what their models say (so a library upgrade that changes them fails here)."""
 
 import pytest
 
-from harness.agreement import Outcome
-from harness.backend import BackendUnavailable
 from harness.cases import case_files, load_case, problem_from_json, problem_to_json
 from harness.generate import random_problem
-
-EXPECTED = {"agree": Outcome.AGREE, "disagree": Outcome.DISAGREE, "raised": Outcome.RAISED}
 
 
 @pytest.mark.parametrize("path", case_files(), ids=lambda p: p.stem)
 def test_saved_case_replays_as_expected(path):
-    from harness.fuzz.replay import replay_case
+    from harness.fuzz.replay import replay
 
     case = load_case(path)
-    try:
-        (verdict,) = replay_case(case)
-    except BackendUnavailable as e:
-        pytest.skip(str(e))
-    assert verdict.outcome is EXPECTED[case.expect], (
-        f"{case.name} ({case.kind}) expected {case.expect}, got {verdict.outcome.value}: {verdict.detail}"
+    (result,) = replay([case])
+    if result.skipped:
+        pytest.skip(result.verdict.detail)
+    assert result.as_expected, (
+        f"{case.name} ({case.kind}) expected {case.expect}, got {result.verdict.outcome.value}: "
+        f"{result.verdict.detail}" + (f"; model: {result.explanation.detail}" if result.explanation else "")
     )
     if case.kind == "known-discrepancy":
-        assert case.in_scope(case.backend, case.problem), "a known discrepancy's own problem is in its scope"
+        assert result.explanation is not None and result.explanation.explained, "its own model explains it"
+        assert case.in_scope(case.backend, case.problem, result.verdict.observed.backend), (
+            "own problem in scope"
+        )
+
+
+def test_every_known_case_has_a_model_and_says_whether_it_was_reproduced():
+    for path in case_files():
+        case = load_case(path)
+        if case.kind == "known-discrepancy":
+            assert case.model is not None, f"{case.name}: no model"
+            assert case.reproduced or "not reproduced" in case.found.get("status", ""), case.name
 
 
 def test_problems_round_trip_through_json_exactly():

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from harness.agreement import Outcome, check_agreement
 from harness.backend import load_backend
@@ -10,13 +9,16 @@ from harness.model import JaggedBatch, Pooling, TableConfig, output_columns, tot
 from harness.weights import make_weights
 
 
-def test_embedding_gives_rows_and_embedding_bag_mean_gives_their_mean():
-    table = torch.randn(10, 4)
-    ids = torch.tensor([[1, 3]])
-    rows = F.embedding(ids, table)
-    assert torch.equal(rows[0, 0], table[1]) and torch.equal(rows[0, 1], table[3])
-    pooled = F.embedding_bag(ids, table, mode="mean")
-    assert torch.allclose(pooled[0], (table[1] + table[3]) / 2)
+@pytest.mark.parametrize("pooling", [Pooling.SUM, Pooling.MEAN])
+def test_the_reference_pools_a_bags_rows_by_sum_or_mean(pooling):
+    # The tutorial's example (ids 1 and 3 of a 10-row table), through our problem model and oracle.
+    tables = [TableConfig("t", 10, 4, ("f",), pooling)]
+    weights = {"t": torch.arange(40, dtype=torch.float32).reshape(10, 4)}
+    batch = JaggedBatch.from_bags({"f": [[1, 3], []]})
+    out = load_backend("reference").prepare(tables, weights)(batch)
+    rows = weights["t"][1] + weights["t"][3]
+    expected = rows / 2 if pooling is Pooling.MEAN else rows
+    assert out.tolist() == [expected.tolist(), [0.0] * 4]
 
 
 def test_offsets_derive_from_lengths_and_split_values_into_bags():

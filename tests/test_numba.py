@@ -172,6 +172,9 @@ def test_big_batch_uses_the_parallel_path_and_agrees(backend):
 
 
 # --- direct calls with malformed input: a clear ValueError, never an out-of-bounds read ---
+# Lengths and ids are checked by the kernel, keys by the lookup's layout: numba's own, tested here.
+# The structure checks (dtypes, shapes, weights against pooling) are `harness.validate`'s, shared by
+# every backend and tested in tests/test_validate.py; the ones listed here are those it does not test.
 
 BAD_TABLES = [table("a", 10, 4, ["x", "y"]), table("b", 5, 3, ["z"], Pooling.MEAN)]
 
@@ -219,32 +222,14 @@ def good_batch(**change) -> JaggedBatch:
             r"negative length -2 for feature 'y', sample 1 \(lengths\[3\]\)",
         ),
         (
-            {"lengths": torch.tensor([2, 1, 2, 0, 1])},
-            r"lengths has 5 entries, not a multiple of the 3 keys \['x', 'y', 'z'\]",
-        ),
-        (
             {"lengths": torch.tensor([2**62, 2**62, 2**62, 2**62 + 1, 1, 1])},
             r"length larger than the 7 ids of the batch: 4611686018427387904 for feature 'x', sample 0",
         ),
-        ({"weights": torch.ones(6)}, r"per-sample weights have shape \(6,\), expected \(7,\)"),
-        ({"weights": torch.ones(7, dtype=torch.float64)}, r"per-sample weights must be a float32"),
-        (
-            {"weights": torch.ones(7)},
-            r"per-sample weights require SUM pooling, but table 'b' \(features \['z'\]\) pools MEAN",
-        ),
-        (
-            {"weights": torch.ones(7, device="meta")},
-            r"per-sample weights must be a float32 CPU tensor, got float32 of shape \(7,\) on meta",
-        ),
         ({"weights": [1.0] * 7}, r"per-sample weights must be a float32 CPU tensor, got a list"),
         ({"keys": ("x", "y", "w")}, r"missing \['z'\], not a feature \['w'\]"),
-        ({"keys": ("x", "y")}, r"lengths has 6 entries|missing \['z'\]"),
+        ({"keys": ("x", "y")}, r"missing \['z'\], not a feature \[\], repeated \[\]"),
         ({"keys": ("x", "x", "z")}, r"repeated \['x'\]"),
         ({"keys": ()}, r"batch has no keys; the tables' features are \['x', 'y', 'z'\]"),
-        (
-            {"values": torch.tensor([1.0, 2, 3, 9, 4, 0, 4])},
-            r"ids \(values\) must be int64 or int32, got float32",
-        ),
         ({"lengths": torch.tensor([2.0, 1, 2, 0, 1, 1])}, r"lengths must be int64 or int32, got float32"),
         (
             {"values": torch.tensor([[1, 2, 3, 9, 4, 0, 4]])},

@@ -3,17 +3,21 @@
 import json
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from harness.cli import EXIT_FOUND, EXIT_OK, main
+from harness.progress import Progress
+from harness.robustness.cli import DEFAULT_JSON
 from harness.robustness.inputs import READINGS, build_base, build_input, load_catalogue, reading_results
 from harness.robustness.matrix import OUTCOMES, control_inputs, load_document, run_matrix, unclean_own
-from harness.robustness.render import render_markdown
+from harness.robustness.render import render_markdown, render_summary
 from harness.validate import ProblemError, validate_problem
 
+ROOT = Path(__file__).resolve().parent.parent
 PLANTED = Path(__file__).with_name("robustness_planted.py")
 CATALOGUE = load_catalogue()
 # Readings that coincide whatever the data: a negative id clamps to row 0; a float32 config of
@@ -147,18 +151,29 @@ def _gone(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
 
+class RecordingProgress(Progress):
+    """Keeps what the matrix reported, and how many results its JSON held at each update."""
+
+    def __init__(self, path):
+        self.path, self.tasks, self.seen = path, [], []
+
+    def start(self, description, *, total=None, unit="it"):
+        self.tasks.append((description, total, unit))
+
+    def update(self, done, **status):
+        if self.tasks[-1][0] == "robustness":
+            self.seen.append((done, len(load_document(self.path)["results"])))
+
+
 def test_torch_matrix_end_to_end_streams_its_json(tmp_path):
     path = tmp_path / "torch.json"
     inputs = ["id-negative", "weight-nan", "weights-too-long", "stray-key"]
-    seen = []
-
-    def progress(message):
-        if message.startswith("robustness ") and path.exists():
-            seen.append(len(load_document(path)["results"]))
-
+    progress = RecordingProgress(path)
     doc = run_matrix(["torch"], inputs, timeout=30.0, json_path=path, progress=progress)
     assert doc["complete"] and load_document(path)["complete"]
-    assert seen == list(range(1, len(seen) + 1)) and len(seen) == 2 + len(inputs)
+    total = 2 + len(inputs)
+    assert progress.tasks[-1] == ("robustness", total, "cases")
+    assert progress.seen == [(n, n) for n in range(1, total + 1)]
     assert [(r["backend"], r["input"]) for r in doc["results"]] == [
         ("torch", i) for i in ["valid-plain", "valid-weighted", *inputs]
     ]
@@ -169,14 +184,62 @@ def test_torch_matrix_end_to_end_streams_its_json(tmp_path):
     assert (nan["outcome"], nan["readings"], nan["clean"]) == ("returned", ["as-given"], True)
     md = render_markdown(doc)
     assert "| input " in md and "| torch " in md and "weight-nan" in md
+    s = doc["summary"]["torch"]
+    assert (s["cases"], s["clean"], s["raised"], s["silent"], s["crashed"], s["hung"], s["mutated"]) == (
+        6,
+        4,
+        1,
+        2,
+        0,
+        0,
+        0,
+    )
+    assert s["not_clean"] == ["weights-too-long", "stray-key"]
 
 
-def test_command_writes_json_and_markdown_and_exits_0(tmp_path, capsys):
+def test_the_summary_counts_each_outcome_and_names_the_cells_that_are_not_clean(tmp_path):
+    specs = [planted(a) for a in ("Crashes", "Hangs", "ClampsInPlace")]
+    doc = run_matrix(specs, ["id-too-large", "weight-nan"], timeout=8.0)  # room on a busy machine
+    columns = ("cases", "clean", "raised", "silent", "crashed", "hung", "mutated")
+    assert {name: tuple(s[c] for c in columns) for name, s in doc["summary"].items()} == {
+        "planted-crash": (4, 3, 0, 0, 1, 0, 0),
+        "planted-hang": (4, 3, 0, 0, 0, 1, 0),
+        "planted-mutate": (4, 3, 0, 1, 0, 0, 1),
+    }
+    text = render_summary(doc)
+    assert "| backend        | clean | raised | silent | crashed | hung | mutated |" in text
+    assert "| planted-crash  | 3/4   | 0      | 0      | 1       | 0    | 0       |" in text
+    assert "- planted-crash: id-too-large (CRASH SIGSEGV)" in text
+    assert "- planted-hang: id-too-large (HANG)" in text
+    assert "- planted-mutate: id-too-large (silent: ids-clamped +MUTATES)" in text
+    assert "weight-nan" not in text  # clean everywhere: not named
+
+
+def test_command_prints_the_summary_and_writes_the_whole_matrix_to_its_files(tmp_path, capsys):
     path = tmp_path / "r.json"
     code = main(["robustness", "--backend", "torch", "--input", "weight-inf", "--json", str(path)])
     assert code == EXIT_OK
-    assert "weight-inf" in capsys.readouterr().out
-    assert load_document(path)["complete"] and "weight-inf" in path.with_suffix(".md").read_text()
+    out = capsys.readouterr().out
+    assert "Robustness: 3 cases (1 backends x 3 inputs, 2 of them valid controls)" in out
+    assert "| torch   | 3/3   |" in out
+    assert "| input " not in out  # the matrix is in the files, not on the terminal
+    assert load_document(path)["complete"] and "| weight-inf " in path.with_suffix(".md").read_text()
+
+
+def test_by_default_the_command_writes_only_into_ignored_paths():
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = [str(DEFAULT_JSON), str(DEFAULT_JSON.with_suffix(".md"))]
+    ignored = subprocess.run(["git", "check-ignore", *paths], cwd=ROOT, capture_output=True, text=True)
+    assert ignored.stdout.split() == paths, ignored
+
+
+def test_our_own_backends_are_clean_on_the_whole_catalogue_when_called_directly(tmp_path):
+    doc = run_matrix(["numba", "triton"], timeout=60.0)
+    assert [b["name"] for b in doc["backends"] if b["available"]] == ["numba", "triton"]
+    assert len(doc["results"]) == 2 * (len(CATALOGUE.inputs) + len(CATALOGUE.bases))
+    assert unclean_own(doc) == []
+    assert all(r["clean"] for r in doc["results"]), [r for r in doc["results"] if not r["clean"]]
 
 
 def test_command_exits_1_when_our_own_backend_is_not_clean(tmp_path, capsys):

@@ -100,6 +100,9 @@ def test_more_bags_than_one_program_holds(backend: TritonFused) -> None:
 
 
 # Direct calls, not through the harness: malformed input is a clear ValueError, never a bad read.
+# Ids are checked by the kernel and keys by the lookup's layout: triton's own, tested here. The
+# structure and lengths checks are `harness.validate`'s (tests/test_validate.py; the rules it does not
+# test are in tests/test_numba.py, which calls the same checks); two cases show that the lookup makes them.
 
 TABLES = [TableConfig("a", 5, 4, ("x",), Pooling.MEAN), TableConfig("b", 3, 4, ("y",))]
 
@@ -120,26 +123,10 @@ def _batch(values, lengths, weights=None, keys=("x", "y"), id_dtype=torch.int64)
         (_batch([0, 5, 1], [2, 1]), r"id out of range: feature 'x', sample 0, position 1 .* id 5; table 'a'"),
         (_batch([0, 1, -1], [2, 1]), r"negative id: feature 'y', sample 0, position 0 .* id -1"),
         (_batch([0, 1, 3], [2, 1]), r"id out of range: feature 'y'.* id 3; table 'b' has num_embeddings 3"),
-        (_batch([0, 1], [2, 1]), r"sum\(lengths\) = 3 but values has 2 ids"),
-        (_batch([0, 1], [3, -1]), r"negative length -1 for feature 'y', sample 0"),
-        (_batch([0, 1], [1, 1, 0]), r"lengths has 3 entries, not a multiple of the 2 keys \['x', 'y'\]"),
         (_batch([0, 1], [1, 1], keys=("x", "q")), r"missing \['y'\], not a feature \['q'\]"),
-        (_batch([0, 1], [1, 1], weights=[1.0]), r"per-sample weights have shape \(1,\)"),
-        (
-            _batch([0, 1], [1, 1], weights=[1.0, 2.0]),
-            r"require SUM pooling, but table 'a' \(features \['x'\]\) pools MEAN",
-        ),
-        (
-            JaggedBatch((), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)),
-            r"batch has no keys; the tables' features are \['x', 'y'\]",
-        ),
         (
             JaggedBatch(("x", "y"), torch.tensor([[0, 1]]), torch.tensor([1, 1])),
             r"ids \(values\) must be a 1-D tensor, got int64 of shape \(1, 2\) on cpu",
-        ),
-        (
-            JaggedBatch(("x", "y"), torch.tensor([0.0, 1.0]), torch.tensor([1, 1])),
-            r"ids \(values\) must be int64 or int32, got float32",
         ),
         (
             JaggedBatch(("x", "y"), torch.tensor([0, 1]), torch.tensor([1, 1]), torch.tensor([1, 2])),
@@ -219,7 +206,7 @@ def test_kernel_compiles_for_a_hopper_gpu_with_vector_loads(ids: str, weights: d
     signature = {"values": ids, **{p: "*i64" for p in pointers}, **weights}
     signature.update({"per_sample": "*fp32", "feat_rows": "*i64", "error": "*i64", "out": "*fp32"})
     signature.update({"batch": "i32", "out_stride": "i32"})
-    constants = {"BLOCK_B": 16, "BLOCK_D": 128, "UNROLL": 2, **constants}
+    constants = {"BLOCK_B": 16, "BLOCK_D": 128, "UNROLL": 2, "EXACT_BF16": False, **constants}
     fn = kernel(False)
     signature = {name: signature.get(name, "constexpr") for name in fn.arg_names}
     aligned = {

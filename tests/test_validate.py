@@ -1,5 +1,8 @@
 """Every malformed problem is rejected before any backend runs, with a message naming what and where."""
 
+import contextlib
+import signal
+
 import pytest
 import torch
 
@@ -48,12 +51,62 @@ def test_id_in_second_feature_is_located_within_that_feature():
     rejects(r"feature 'g', sample 1, position 1 .* has id 3; table 'b' has num_embeddings 3", t, b)
 
 
+def test_ids_valid_for_their_own_table_pass_whatever_the_other_tables_sizes():
+    t = [TableConfig("a", 3, 4, ("f",)), TableConfig("b", 100, 4, ("g", "h"))]
+    b = JaggedBatch.from_bags({"h": [[99], []], "f": [[2], [0, 1]], "g": [[50, 3], [98]]})
+    assert validate_problem(t, b) is b
+    hashed = validate_problem(
+        t, JaggedBatch.from_bags({"g": [[150]], "h": [[-1]], "f": [[4, 5]]}), id_policy="modulo"
+    )
+    assert hashed.values.tolist() == [50, 99, 1, 2]
+
+
 def test_negative_length():
     rejects(r"negative length -1 for feature 'f', sample 1 \(lengths\[1\]\)", tables(), batch((1,), (2, -1)))
 
 
 def test_lengths_do_not_add_up():
     rejects(r"sum\(lengths\) = 4 but values has 3 ids", tables(), batch(lengths=(2, 2)))
+
+
+WRAPPING = dict(values=(1, 2), lengths=(2**63 - 1, 2**63 - 1, 4, 0), keys=("a", "b"))  # int64 sum: 2
+
+
+def test_lengths_whose_int64_sum_wraps_around_are_rejected():
+    rejects(
+        r"length 9223372036854775807 for feature 'a', sample 0 \(lengths\[0\]\) is larger than the 2 ids",
+        tables(feature_names=("a", "b")),
+        batch(**WRAPPING),
+    )
+
+
+@contextlib.contextmanager
+def _alarm(seconds: int):
+    """Raise TimeoutError in this thread after ``seconds`` (a hung lookup fails the test)."""
+
+    def expired(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_triton_lookup_called_directly_rejects_lengths_whose_sum_wraps():
+    pytest.importorskip("triton")
+    from impls.triton_fused import triton_interpreted
+
+    t = tables(feature_names=("a", "b"))
+    lookup = triton_interpreted().prepare(t, make_weights(t))
+    with (
+        _alarm(20),
+        pytest.raises(ProblemError, match=r"length 9223372036854775807 for feature 'a', sample 0"),
+    ):
+        lookup(batch(**WRAPPING))
 
 
 def test_lengths_not_a_multiple_of_keys():

@@ -7,17 +7,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from harness.command_line import (
     EXIT_FOUND,
     EXIT_OK,
-    EXIT_USAGE,
     UsageError,
     add_backend_option,
+    add_output_options,
     load_backends,
-    progress_line,
+    positive,
+    set_result,
 )
+
+EXIT_INTERRUPTED = 130
+"""Ctrl-C during `jagbench bench` (the shell's code for SIGINT); the sidecar keeps what finished."""
 
 
 def _percent(text: str) -> float:
@@ -32,8 +37,10 @@ def _percent(text: str) -> float:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from harness.bench.runner import BenchConfig, run_bench
+    from harness.bench.runner import CASE_KINDS, BenchConfig, run_bench
+    from harness.bench.summary import format_summary
     from harness.bench.workloads import WorkloadError, check_fits, get_workloads, load_workloads
+    from harness.progress import progress_for
 
     if args.list_workloads:
         from harness.markdown import markdown_table
@@ -44,6 +51,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ]
         print(markdown_table(["workload", "tags", "weights MiB", "description"], rows))
         return EXIT_OK
+    if args.mode not in CASE_KINDS:
+        raise UsageError(f"unknown --mode {args.mode!r}; known: {', '.join(CASE_KINDS)}")
+    for flag, value in (("--load", args.load), ("--warmup-rounds", args.warmup_rounds)):
+        if value < 0:
+            raise UsageError(f"{flag} must be >= 0, got {value}")
+    if args.min_rounds > args.max_rounds:
+        raise UsageError(f"--min-rounds {args.min_rounds} is more than --max-rounds {args.max_rounds}")
     try:
         workloads = get_workloads(args.workload or ["tiny"])
         for w in workloads:
@@ -58,24 +72,48 @@ def cmd_bench(args: argparse.Namespace) -> int:
         workloads=workloads,
         json_path=Path(args.json),
         baseline=args.baseline,
+        mode=args.mode,
         max_time=args.max_time,
         min_rounds=args.min_rounds,
         max_rounds=args.max_rounds,
+        warmup_rounds=args.warmup_rounds,
+        min_round_s=args.min_round_s,
         max_call_s=args.max_call_s,
         check_samples=args.check_samples,
         bandwidth_bytes=args.bandwidth_mib << 20,
-        progress=lambda m: print(m, file=sys.stderr, flush=True),
+        repeat=args.repeat,
+        seed=args.seed,
+        flush_mib=args.flush_cache,
+        load=args.load,
+        noise_threshold=args.noise_threshold,
     )
-    progress_line(f"bench: {len(backends)} backend(s) x {len(workloads)} workload(s) -> {args.json}")
-    code, plugin = run_bench(config, args.pytest_args or [])
-    if plugin.failed:
-        print(f"\n{len(plugin.failed)} case(s) failed the reference check (not timed):", file=sys.stderr)
-        for f in plugin.failed:
+    progress = progress_for(quiet=args.quiet)
+    progress.note(
+        f"bench: {len(backends)} backend(s) x {len(workloads)} workload(s) x {args.repeat} -> {args.json}"
+    )
+    try:
+        result = run_bench(config, progress)
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted; the finished workloads are in {args.json}.partial.jsonl "
+            "(`jagbench report` and `compare` read it)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    if not args.quiet:
+        print(format_summary(result.output))
+    for k in result.known:
+        print(
+            f"known discrepancy, not timed: {k['backend']} x {k['workload']}: case {k['case']}",
+            file=sys.stderr,
+        )
+    if result.failed:
+        print(f"\n{len(result.failed)} case(s) failed the reference check (not timed):", file=sys.stderr)
+        for f in result.failed:
             print(f"- {f['backend']} x {f['workload']}: {f['outcome']}: {f['detail']}", file=sys.stderr)
         return EXIT_FOUND
-    if code not in (0, 5):
-        return EXIT_USAGE
-    print(f"wrote {args.json}", file=sys.stderr)
+    if not args.quiet:
+        print(f"wrote {args.json}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -84,16 +122,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from harness.bench.runs import RunError, load_run
 
     try:
-        result = compare_runs(load_run(args.base), load_run(args.new), threshold=args.threshold)
+        result = compare_runs(
+            load_run(args.base),
+            load_run(args.new),
+            threshold=args.threshold,
+            relative=args.relative,
+            baseline=args.baseline,
+        )
     except (RunError, CompareError) as e:
         raise UsageError(str(e)) from e
-    print(format_comparison(result))
+    set_result(args, {"threshold": result.threshold, "changes": [asdict(c) for c in result.changes]})
+    if not args.quiet:
+        print(format_comparison(result))
+    elif result.regressions:
+        for c in result.regressions:
+            print(f"REGRESSED: {c.backend} x {c.workload}: {c.ratio:.3f}x the base time", file=sys.stderr)
     return EXIT_FOUND if result.regressions else EXIT_OK
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``bench`` and ``compare`` on the ``jagbench`` parser."""
-    p = sub.add_parser("bench", help="the pytest-benchmark suite over backends and workloads")
+    p = sub.add_parser("bench", help="time backends on workloads, interleaved; pytest-benchmark JSON")
     add_backend_option(p, "all available")
     p.add_argument(
         "--workload",
@@ -105,7 +154,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--json",
         default="reports/runs/bench.json",
         metavar="PATH",
-        help="pytest-benchmark JSON to write (default reports/runs/bench.json)",
+        help="the run's JSON (default reports/runs/bench.json): pytest-benchmark's own format with "
+        "jagbench's records, also this command's machine-readable summary (unlike other commands' --json)",
     )
     p.add_argument("--baseline", default="torch", metavar="NAME", help="backend speedups are against (torch)")
     p.add_argument(
@@ -115,8 +165,61 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         metavar="S",
         help="timing budget per case in seconds (default 1.0)",
     )
-    p.add_argument("--min-rounds", type=int, default=5, help="at least this many timed rounds (5)")
-    p.add_argument("--max-rounds", type=int, default=500, help="at most this many timed rounds (500)")
+    p.add_argument(
+        "--min-rounds", type=positive(int), default=20, help="at least this many timed rounds (20)"
+    )
+    p.add_argument(
+        "--max-rounds", type=positive(int), default=1000, help="at most this many timed rounds (1000)"
+    )
+    p.add_argument(
+        "--warmup-rounds",
+        type=int,
+        default=3,
+        metavar="N",
+        help="interleaved rounds run first, not recorded (3)",
+    )
+    p.add_argument(
+        "--min-round-s",
+        type=positive(float),
+        default=0.002,
+        metavar="S",
+        help="a backend's span in a round lasts at least this long: fast calls repeat (0.002)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=positive(int),
+        default=1,
+        metavar="N",
+        help="rerun the whole set N times and report the spread of each speedup (1)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of each round's random order (0)")
+    p.add_argument(
+        "--flush-cache",
+        type=positive(int),
+        default=None,
+        metavar="MIB",
+        help="read and write a MIB buffer before every timed call: cold caches (default: warm)",
+    )
+    p.add_argument(
+        "--load",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run N spinning processes while timing, to measure a busy machine (0)",
+    )
+    p.add_argument(
+        "--noise-threshold",
+        type=_percent,
+        default=0.10,
+        metavar="PCT",
+        help="warn when the noise probe is off its run median or drifts by more (10%%)",
+    )
+    p.add_argument(
+        "--mode",
+        default="forward",
+        help="what is timed: forward (the lookup; default)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress and no summary; errors still shown")
     p.add_argument(
         "--max-call-s",
         type=float,
@@ -145,7 +248,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="copies of the weights assumed when refusing workloads too large for memory (3)",
     )
     p.add_argument("--list-workloads", action="store_true", help="list the workloads and exit")
-    p.add_argument("pytest_args", nargs="*", help="extra pytest arguments after --, e.g. -- -x")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("compare", help="compare two runs case by case; exit 1 on a regression")
@@ -158,4 +260,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         metavar="PCT",
         help="a slowdown beyond this (and significant) is a regression (default 10%%)",
     )
+    p.add_argument(
+        "--relative",
+        action="store_true",
+        help="judge each case by its per-round time relative to the baseline's (interleaved runs)",
+    )
+    p.add_argument(
+        "--baseline", default=None, metavar="NAME", help="baseline for --relative (the base run's)"
+    )
+    p.add_argument("--quiet", action="store_true", help="print only regressions (stderr); the exit code says")
+    add_output_options(p, quiet=False)
     p.set_defaults(func=cmd_compare)

@@ -14,6 +14,13 @@ number the table shows (the median ratio). It needs only numpy, adds no dependen
 deterministic with a fixed seed. With very few rounds (under 5) the interval is wide and honest:
 fewer changes come out significant.
 
+Runs made with interleaved rounds also say, per case, how it moved *relative to the baseline*:
+within each run, the per-round ratio ``time / baseline's time in the same round``
+(`harness.bench.paired`), and the change is the ratio of that median in the new run to the one
+in the base run, with its bootstrap interval (pairs resampled within each run). That change
+cancels what the machine did to both backends (a slower or busier machine, another CPU
+frequency), so ``--relative`` judges regressions by it instead of by absolute times.
+
 Errors are never verdicts: a run without per-round data, or two runs with no case in common,
 raise `CompareError`, which the command line turns into exit code 2.
 """
@@ -26,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from harness.bench.paired import paired_times
 from harness.bench.runs import Run
 from harness.markdown import markdown_table
 
@@ -49,9 +57,15 @@ class CaseChange:
     significant: bool
     regressed: bool
     improved: bool
+    relative: float | None = None
+    relative_low: float | None = None
+    relative_high: float | None = None
+    basis: str = "time"
 
     @property
     def verdict(self) -> str:
+        if self.basis == "baseline":
+            return "baseline (--relative)"
         if self.regressed:
             return "REGRESSED"
         if self.improved:
@@ -65,6 +79,8 @@ class CaseChange:
 class Comparison:
     changes: list[CaseChange]
     threshold: float
+    baseline: str | None = None
+    relative: bool = False
     only_base: list[tuple[str, str]] = field(default_factory=list)
     only_new: list[tuple[str, str]] = field(default_factory=list)
     differences: list[str] = field(default_factory=list)
@@ -127,20 +143,49 @@ def _differences(base: Run, new: Run) -> list[str]:
     return out
 
 
-def compare_runs(base: Run, new: Run, threshold: float = 0.10) -> Comparison:
-    """Match cases by (backend, workload) and judge each change (see the module docstring)."""
+def _has_rounds(bench: dict[str, Any]) -> bool:
+    return bool((bench.get("extra_info") or {}).get("rounds"))
+
+
+def _per_round_vs_baseline(case: dict[str, Any], base: dict[str, Any] | None) -> np.ndarray | None:
+    """``time / baseline's time`` per shared round of one run, or ``None`` without pairs."""
+    if base is None or base is case:
+        return None
+    pairs = paired_times(case, base)
+    return None if pairs is None else pairs[1] / pairs[2]
+
+
+def compare_runs(
+    base: Run, new: Run, threshold: float = 0.10, *, relative: bool = False, baseline: str | None = None
+) -> Comparison:
+    """Match cases by (backend, workload) and judge each change (see the module docstring).
+
+    With ``relative``, a case's verdict comes from its change relative to ``baseline`` (default:
+    the base run's) where both runs have paired rounds; other cases are judged by time.
+    """
     key = lambda b: (b["extra_info"]["backend"], b["extra_info"]["workload"])  # noqa: E731
     base_cases = {key(b): b for b in base.benchmarks}
     new_cases = {key(b): b for b in new.benchmarks}
     common = [k for k in base_cases if k in new_cases]
     if not common:
         raise CompareError(f"{base.path} and {new.path} have no (backend, workload) case in common")
+    reference = baseline or base.baseline
     changes = []
     for k in common:
         a, b = _rounds(base, base_cases[k]), _rounds(new, new_cases[k])
         ratio = float(np.median(b) / np.median(a))
         low, high = bootstrap_ratio(a, b)
-        significant = low > 1 or high < 1
+        rel_a = _per_round_vs_baseline(base_cases[k], base_cases.get((reference, k[1])))
+        rel_b = _per_round_vs_baseline(new_cases[k], new_cases.get((reference, k[1])))
+        rel = rel_low = rel_high = None
+        if rel_a is not None and rel_b is not None:
+            rel = float(np.median(rel_b) / np.median(rel_a))
+            rel_low, rel_high = bootstrap_ratio(rel_a, rel_b)
+        basis = "vs baseline" if relative and rel is not None else "time"
+        judged, j_low, j_high = (rel, rel_low, rel_high) if basis == "vs baseline" else (ratio, low, high)
+        if relative and k[0] == reference and _has_rounds(base_cases[k]) and _has_rounds(new_cases[k]):
+            basis, judged, j_low, j_high = "baseline", 1.0, 1.0, 1.0  # the yardstick is not judged
+        significant = j_low > 1 or j_high < 1
         changes.append(
             CaseChange(
                 backend=k[0],
@@ -151,14 +196,20 @@ def compare_runs(base: Run, new: Run, threshold: float = 0.10) -> Comparison:
                 low=low,
                 high=high,
                 significant=significant,
-                regressed=significant and ratio > 1 + threshold,
-                improved=significant and ratio < 1 / (1 + threshold),
+                regressed=significant and judged > 1 + threshold,
+                improved=significant and judged < 1 / (1 + threshold),
+                relative=rel,
+                relative_low=rel_low,
+                relative_high=rel_high,
+                basis=basis,
             )
         )
     changes.sort(key=lambda c: c.ratio, reverse=True)
     return Comparison(
         changes,
         threshold,
+        baseline=reference,
+        relative=relative,
         only_base=[k for k in base_cases if k not in new_cases],
         only_new=[k for k in new_cases if k not in base_cases],
         differences=_differences(base, new),
@@ -171,25 +222,41 @@ def _ms(seconds: float) -> str:
 
 def format_comparison(result: Comparison) -> str:
     """A Markdown table sorted by change (worst first), the geometric mean and any warnings."""
-    rows = [
-        [
+    with_relative = any(c.relative is not None for c in result.changes)
+    head = ["backend", "workload", "base median ms", "new median ms", "new/base", "95% CI"]
+    if with_relative:
+        head += [f"vs {result.baseline}: new/base", "95% CI "]
+    head.append("verdict")
+    rows = []
+    for c in result.changes:
+        row = [
             c.backend,
             c.workload,
             _ms(c.base_median),
             _ms(c.new_median),
             f"{c.ratio:.3f}",
             f"{c.low:.3f}..{c.high:.3f}",
-            c.verdict if c.significant else f"~ {c.verdict}",
         ]
-        for c in result.changes
-    ]
-    text = markdown_table(
-        ["backend", "workload", "base median ms", "new median ms", "new/base", "95% CI", "verdict"], rows
-    )
+        if with_relative:
+            if c.basis == "baseline":
+                row += ["1 (baseline)", "-"]
+            elif c.relative is None:
+                row += ["-", "-"]
+            else:
+                row += [f"{c.relative:.3f}", f"{c.relative_low:.3f}..{c.relative_high:.3f}"]
+        row.append(c.verdict if c.significant or c.basis == "baseline" else f"~ {c.verdict}")
+        rows.append(row)
+    text = markdown_table(head, rows)
     text += (
         f"\n\nGeometric mean of new/base over {len(result.changes)} case(s): {result.geometric_mean:.3f} "
         f"(< 1 is faster). Threshold {result.threshold:.0%}; `~` marks changes that are not significant."
     )
+    if with_relative:
+        judged = "relative to the baseline (--relative)" if result.relative else "by time"
+        text += (
+            f"\n`vs {result.baseline}`: the change of each case's per-round time over {result.baseline}'s "
+            f"in the same round (cancels machine drift between the runs). Verdicts are judged {judged}."
+        )
     for what, keys in (("only in base", result.only_base), ("only in new", result.only_new)):
         if keys:
             text += f"\n{what}: " + ", ".join(f"{b} x {w}" for b, w in keys)

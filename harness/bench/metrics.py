@@ -1,10 +1,12 @@
 """What a benchmark case counts: the byte model, this machine's copy bandwidth, the environment.
 
 Byte model (as FBGEMM's TBE benchmarks count it): every id reads one row of its table,
-``D * bytes per element``; every (sample, feature) writes its pooled float32 output,
-``B * total_dim * 4``. Index bytes (the int64 ids and the offsets) are *not* counted: they are
-the same for every backend and small next to the rows for D >= 16; they are recorded separately
-as ``index_bytes`` so a reader can add them. Reused rows count every time (no cache model).
+``D * bytes per element`` (a quantized table's row: its packed codes plus the fp16 scale and
+bias, ``ceil(D * bits / 8) + 4``, with no library's alignment padding); every (sample, feature)
+writes its pooled float32 output, ``B * total_dim * 4``. Index bytes (the int64 ids and the
+offsets) are *not* counted: they are the same for every backend and small next to the rows for
+D >= 16; they are recorded separately as ``index_bytes`` so a reader can add them. Reused rows
+count every time (no cache model).
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from typing import Any
 
 import torch
 
-from harness.model import JaggedBatch, TableConfig, total_dim
+from harness.model import JaggedBatch, TableConfig, stored_row_bytes, total_dim
 
 BYTE_MODEL = (
-    "bytes = rows read (each id: D x bytes per element of its table) + output written "
+    "bytes = rows read (each id: D x bytes per element of its table; a quantized row: packed codes "
+    "+ 4 bytes of fp16 scale and bias) + output written "
     "(B x total_dim x 4, float32); index bytes (ids, offsets) not counted, recorded as index_bytes"
 )
 VERSIONED = (
@@ -44,7 +47,7 @@ def byte_model(tables: Sequence[TableConfig], batch: JaggedBatch) -> dict[str, i
     rows_read = 0
     for key, ids in zip(batch.keys, per_feature, strict=True):
         t = table_of[key]
-        rows_read += int(ids) * t.embedding_dim * t.dtype.itemsize
+        rows_read += int(ids) * stored_row_bytes(t)
     output = batch.batch_size * total_dim(tables) * 4
     index = batch.values.numel() * batch.values.element_size() + (batch.lengths.numel() + 1) * 8
     return {

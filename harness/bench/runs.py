@@ -1,4 +1,8 @@
-"""Reading benchmark runs: pytest-benchmark JSON files, or the ``.partial.jsonl`` of an interrupted run."""
+"""Reading benchmark runs: pytest-benchmark JSON files, or the ``.partial.jsonl`` of an interrupted run.
+
+An interrupted run's sidecar holds its finished timing windows; they are turned into benchmarks
+the same way the runner does (`harness.bench.record.build_output`).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.bench.derived import add_derived
+from harness.bench.noise import DEFAULT_THRESHOLD
+from harness.bench.record import build_output
 
 
 class RunError(ValueError):
@@ -83,18 +88,29 @@ def load_run(path: str | Path) -> Run:
         raise RunError(f"{partial}: no header line; not a jagbench partial run")
     header = lines[0]
     section = dict(header.get("jagbench", {}))
-    section["failed"] = [r["failed"] for r in lines[1:] if "failed" in r]
-    section["unsupported"] = [r["unsupported"] for r in lines[1:] if "unsupported" in r]
-    benchmarks = [r["benchmark"] for r in lines[1:] if "benchmark" in r]
-    section["cases_finished"] = len(lines) - 1
-    for b in benchmarks:
-        _key(b, str(partial))
-    add_derived(benchmarks, section.get("baseline") or "torch", section.get("bandwidth"))
-    return Run(
-        partial,
+    for kind in ("failed", "unsupported", "known"):
+        section[kind] = [r[kind] for r in lines[1:] if kind in r]
+    windows = [r["window"] for r in lines[1:] if "window" in r]
+    section["cases_finished"] = sum(len(w["cases"]) for w in windows) + sum(
+        1 for r in lines[1:] if "window" not in r
+    )
+    output = build_output(
         header.get("machine_info", {}),
         header.get("commit_info", {}),
-        benchmarks,
+        windows,
+        header.get("options", {}),
         section,
+        section.get("baseline") or "torch",
+        section.get("bandwidth"),
+        (section.get("noise") or {}).get("threshold", DEFAULT_THRESHOLD),
+    )
+    for b in output["benchmarks"]:
+        _key(b, str(partial))
+    return Run(
+        partial,
+        output["machine_info"],
+        output["commit_info"],
+        output["benchmarks"],
+        output["jagbench"],
         partial=True,
     )

@@ -25,7 +25,16 @@ import numpy as np
 import torch
 
 from harness.cases import CASES_DIR
-from harness.model import JaggedBatch, Pooling, Problem, TableConfig, dtype_from_name, total_dim
+from harness.model import (
+    JaggedBatch,
+    Pooling,
+    Problem,
+    TableConfig,
+    dtype_from_name,
+    dtype_name,
+    stored_row_bytes,
+    total_dim,
+)
 from harness.weights import make_weights
 
 FORMAT = "jagbench-workload/1"
@@ -96,7 +105,7 @@ class Workload:
 
     @property
     def weights_bytes(self) -> int:
-        return sum(t.num_embeddings * t.embedding_dim * t.dtype.itemsize for t in self.tables)
+        return sum(t.num_embeddings * stored_row_bytes(t) for t in self.tables)
 
     @property
     def mean_ids(self) -> float:
@@ -116,7 +125,7 @@ class Workload:
             "bag": _collapse([s.bag for s in self.specs]),
             "ids": _collapse([s.ids for s in self.specs]),
             "pooling": _collapse([t.pooling.value for t in tables]),
-            "dtype": _collapse([str(t.dtype).removeprefix("torch.") for t in tables]),
+            "dtype": _collapse([dtype_name(t.dtype) for t in tables]),
             "weighted": self.weighted,
             "total_dim": total_dim(tables),
             "weights_bytes": self.weights_bytes,
@@ -360,7 +369,7 @@ def get_workloads(names: Sequence[str], directory: Path = WORKLOADS_DIR) -> list
             families = sorted({w.family for w in known.values() if w.family})
             raise WorkloadError(
                 f"unknown workload {name!r}; known: {', '.join(known)}; families: {', '.join(families)}; "
-                "tags: standard, sweep, model, smoke, extra"
+                "tags: standard, quantized, sweep, model, smoke, extra"
             )
         out += [w for w in chosen if w not in out]
     return out

@@ -10,7 +10,6 @@ case cannot be read or its backend cannot be loaded.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from harness.command_line import (
@@ -18,9 +17,11 @@ from harness.command_line import (
     EXIT_OK,
     UsageError,
     add_backend_option,
+    add_output_options,
     load_backends,
     positive,
-    progress_line,
+    progress_of,
+    set_result,
 )
 
 
@@ -56,9 +57,9 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
         known=known,
         shrink_budget=args.shrink_budget,
         threads=None if args.threads == 0 else args.threads,
-        progress=progress_line,
+        progress=progress_of(args),
     )
-    print(file=sys.stderr)
+    set_result(args, report.to_json())
     print(format_report(report))
     return EXIT_FOUND if report.failed else EXIT_OK
 
@@ -77,18 +78,34 @@ def cmd_replay(args: argparse.Namespace) -> int:
         results = replay(cases, backends)
     except (BackendUnavailable, BackendSpecError) as e:
         raise UsageError(str(e)) from e
+    set_result(
+        args,
+        {
+            "cases": [
+                {
+                    "case": str(r.case.path or r.case.name),
+                    "backend": r.verdict.backend,
+                    "expected": r.expected,
+                    "got": "unavailable" if r.skipped else r.verdict.outcome.value,
+                    "as_expected": r.as_expected,
+                    "detail": r.verdict.detail,
+                }
+                for r in results
+            ]
+        },
+    )
     print(format_replay(results))
     return EXIT_OK if all(r.as_expected for r in results) else EXIT_FOUND
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from harness.fuzz.driver import REGRESSIONS_DIR
+    from harness.fuzz.driver import DEFAULT_SAVE_DIR
 
     p = sub.add_parser(
         "fuzz",
-        help="differential fuzzing against the reference (Hypothesis); shrinks and saves failures",
+        help="differential fuzzing against the reference (Hypothesis); minimises and saves failures",
         description="Fuzz backends against the reference. Exit 0: all agree; 1: a failure was found "
-        "(printed, saved under --save-dir); 2: usage or setup error.",
+        "(minimised, printed, saved under --save-dir); 2: usage or setup error.",
     )
     add_backend_option(p, "every available backend except the reference")
     stop = p.add_mutually_exclusive_group()
@@ -107,16 +124,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="Hypothesis seed (default 0): same seed, same run")
     p.add_argument(
         "--save-dir",
-        default=str(REGRESSIONS_DIR),
+        default=str(DEFAULT_SAVE_DIR),
         metavar="DIR",
-        help=f"where shrunk failures are saved as case files (default {REGRESSIONS_DIR})",
+        help=f"where minimised failures are saved as case files (default {DEFAULT_SAVE_DIR}, ignored "
+        "by git; copy a case to cases/regressions/ to keep it as a regression test)",
     )
     p.add_argument(
         "--shrink-budget",
         type=positive(float),
         default=60.0,
         metavar="SECONDS",
-        help="at most this long shrinking a failure; the smallest failing example so far is kept",
+        help="at most this long minimising a failure (default 60); the smallest failing problem so far "
+        "is kept",
     )
     p.add_argument(
         "--threads",
@@ -126,6 +145,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="torch intra-op threads while fuzzing (default 1: fuzz problems are small); 0 leaves "
         "torch's setting alone",
     )
+    add_output_options(p)
     p.set_defaults(func=cmd_fuzz)
 
     p = sub.add_parser(
@@ -137,4 +157,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("cases", nargs="+", metavar="CASE", help="case files (JSON)")
     add_backend_option(p, "", help="run these backends on the cases instead of each case's own (repeatable)")
+    add_output_options(p)
     p.set_defaults(func=cmd_replay)

@@ -1,4 +1,5 @@
-"""The fuzz driver: Hypothesis generates problems, every backend is judged against the reference.
+"""The fuzz driver: Hypothesis generates problems, each backend is judged against the reference,
+and the first failure is minimised by our own minimiser, printed and saved.
 
 For each backend, one Hypothesis property runs on `harness.fuzz.strategies.problems`:
 
@@ -8,11 +9,19 @@ For each backend, one Hypothesis property runs on `harness.fuzz.strategies.probl
 3. a disagreement that a known-discrepancy case explains (`mark_known`) is counted as *known*;
 4. on some examples, also one metamorphic relation (`harness.fuzz.metamorphic`), which needs no
    reference value;
-5. a failure is shrunk by Hypothesis, printed readably (`format_failure`) and saved as a
-   self-contained regression case under ``cases/regressions/`` (``save_dir``).
+5. every example's coverage buckets (`harness.fuzz.coverage`) are counted.
 
-Shrunk cases are stored as data (``harness.cases`` JSON), never as ``@reproduce_failure`` blobs or
-in ``.hypothesis/``: the profiles (`harness.fuzz.profiles`) turn the example database off.
+Hypothesis only *generates*: its shrinking is off (it shrinks seeded data poorly) and so is
+``target()`` (its hill-climbing cost more than half of a profiled run). At the first failure the
+property stops Hypothesis, and `harness.fuzz.minimise` minimises the concrete problem, keeping
+each step only while the same failure persists (`same_failure`), within ``shrink_budget``
+seconds. The minimised problem is what is printed (`harness.fuzz.format`) and saved as a case
+file (`harness.cases`), by default under ``reports/runs/cases/`` (ignored by git: a command never
+writes into tracked files); copying it to ``cases/regressions/`` keeps it as a regression test.
+
+Time is accounted as the backend's (its ``supports``, ``prepare`` and lookup calls, metamorphic
+reruns included) and the harness's (everything else: generation, validation, the reference,
+the checks); `BackendStats` reports both.
 """
 
 from __future__ import annotations
@@ -21,36 +30,32 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from hypothesis import Verbosity, given, settings, target
+from hypothesis import Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
 from harness.agreement import Oracle, Outcome, Verdict, check_backend, mark_known
 from harness.backend import Backend
-from harness.cases import CASES_DIR, Case, load_cases, problem_to_json, save_case
+from harness.cases import Case, load_cases, problem_to_json, save_case
+from harness.fuzz.coverage import buckets
 from harness.fuzz.metamorphic import RELATIONS, transformed_results, within
+from harness.fuzz.minimise import describe_size, minimise
 from harness.fuzz.profiles import register_profiles
 from harness.fuzz.results import BackendStats, Failure, FuzzReport
 from harness.fuzz.strategies import problems
-from harness.model import Problem
+from harness.model import JaggedBatch, Problem
+from harness.progress import Progress
 from harness.validate import validate_problem
 
-REGRESSIONS_DIR = CASES_DIR / "regressions"
-Progress = Callable[[str], None]
-
-
-class BackendFailure(AssertionError):
-    """Raised inside the property when a backend fails; carries the verdict."""
-
-    def __init__(self, verdict: Verdict) -> None:
-        super().__init__(f"{verdict.backend}: {verdict.outcome.value}: {verdict.detail}")
-        self.verdict = verdict
+DEFAULT_SAVE_DIR = Path("reports/runs/cases")
+"""Where ``jagbench fuzz`` saves minimised failures unless told otherwise: under the ignored
+``reports/runs/``, relative to the working directory."""
 
 
 class _Unsupported(Exception):
@@ -58,7 +63,46 @@ class _Unsupported(Exception):
 
 
 class _Stop(BaseException):
-    """Ends a Hypothesis run cleanly when the time budget is spent (not an Exception: not shrunk)."""
+    """Ends a Hypothesis run at once: the time budget is spent or a failure was found.
+
+    Not an ``Exception``, so Hypothesis neither shrinks nor replays it.
+    """
+
+
+class TimedBackend:
+    """A backend whose ``supports``, ``prepare`` and lookup calls add their time to ``seconds``;
+    any other attribute is the wrapped backend's (a known case's scope may test one)."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.name = getattr(backend, "name", type(backend).__name__)
+        self.seconds = 0.0
+
+    def __getattr__(self, attribute: str) -> object:
+        return getattr(self.backend, attribute)
+
+    def supports(self, tables, batch):
+        start = time.perf_counter()
+        try:
+            return self.backend.supports(tables, batch)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def prepare(self, tables, weights):
+        start = time.perf_counter()
+        try:
+            lookup = self.backend.prepare(tables, weights)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+        def timed(batch: JaggedBatch) -> torch.Tensor:
+            begin = time.perf_counter()
+            try:
+                return lookup(batch)
+            finally:
+                self.seconds += time.perf_counter() - begin
+
+        return timed
 
 
 def _run_backend(backend: Backend, problem: Problem) -> torch.Tensor | None:
@@ -101,27 +145,18 @@ def check_relation(
     except _Unsupported:
         return None
     except Exception as e:  # noqa: BLE001 - a backend's exception is the verdict
-        raised = Verdict(name, Outcome.RAISED, f"{type(e).__name__}: {e} [after {relation}]")
-        raised = mark_known([raised], running[0], known)[0]
+        raised = mark_known([Verdict.of_exception(backend, e, f" [after {relation}]")], running[0], known)[0]
         return None if raised.outcome is Outcome.KNOWN else (raised, running[0])
     if out is None:
         return None
     parts, result = out
-    ok, detail = within(result, original, oracle.bound)
+    ok, detail = within(result, original, oracle.tolerance)
     if ok:
         return None
     for part in parts:
         verdict, _ = judge(backend, part, known)
         if verdict.failed:
-            return (
-                Verdict(
-                    verdict.backend,
-                    verdict.outcome,
-                    f"{verdict.detail} [after {relation}]",
-                    verdict.comparison,
-                ),
-                part,
-            )
+            return replace(verdict, detail=f"{verdict.detail} [after {relation}]"), part
         if verdict.outcome is Outcome.KNOWN:
             return None
     verdict = Verdict(name, Outcome.DISAGREE, f"metamorphic relation {relation} broken: {detail}")
@@ -129,16 +164,79 @@ def check_relation(
     return None if verdict.outcome is Outcome.KNOWN else (verdict, problem)
 
 
+_EXCEPTION = re.compile(r"^(?:supports\(\) raised )?([A-Za-z_][\w.]*):")
+
+
+def failure_kind(verdict: Verdict) -> str:
+    """What makes two failures "the same" for the minimiser: the outcome, and for an exception its
+    type, for a disagreement whether the result's type, shape, dtype or values were wrong."""
+    if verdict.outcome is Outcome.RAISED:
+        if verdict.observed is not None and verdict.observed.error_types:
+            return f"raised {verdict.observed.error_types[0]}"
+        m = _EXCEPTION.match(verdict.detail)
+        return f"raised {m.group(1) if m else '?'}"
+    if verdict.outcome is Outcome.DISAGREE:
+        c = verdict.comparison
+        if c is None or c.problem is None:
+            return "disagree: values" if c is not None else "disagree"
+        for what in ("shape", "dtype", "not a tensor"):
+            if what in c.problem or (what == "dtype" and "expected torch.float32" in c.problem):
+                return f"disagree: {what}"
+        return "disagree: result"
+    return verdict.outcome.value
+
+
+def same_failure(
+    backend: Backend, verdict: Verdict, known: Sequence[Case]
+) -> Callable[[Problem], Verdict | None]:
+    """The minimiser's predicate: a candidate's verdict when ``backend`` fails on it as it did in
+    ``verdict`` (same kind, `failure_kind`), else None. A candidate the known cases explain is
+    not the same failure. Each candidate runs on its own copy (a backend may mutate its input)."""
+    kind = failure_kind(verdict)
+
+    def reproduces(candidate: Problem) -> Verdict | None:
+        v, _ = judge(backend, copy_problem(candidate), known)
+        return v if v.failed and failure_kind(v) == kind else None
+
+    return reproduces
+
+
+def copy_problem(problem: Problem) -> Problem:
+    """A problem with copies of every tensor (the tables' weights and the batch's)."""
+    b = problem.batch
+    batch = JaggedBatch(
+        b.keys, b.values.clone(), b.lengths.clone(), None if b.weights is None else b.weights.clone()
+    )
+    weights = {k: w.clone() for k, w in problem.weights.items()}
+    return Problem(problem.tables, weights, batch, dict(problem.metadata))
+
+
+def _pristine(problem: Problem) -> Callable[[], Problem]:
+    """How to get ``problem`` back as generated after a backend may have changed its tensors: a
+    problem built from a spec is rebuilt from it (no copy of large tables per example), any
+    other is copied now."""
+    spec = problem.metadata.get("spec")
+    if spec is not None:
+        from harness.fuzz.problem_spec import ProblemSpec, build_problem
+
+        return lambda: build_problem(ProblemSpec.from_json(spec))
+    copied = copy_problem(problem)
+    return lambda: copied
+
+
 @dataclass
-class _RunState:
-    stats: BackendStats
-    start: float
-    deadline: float | None
-    shrink_budget: float
-    progress: Progress | None
-    last_progress: float = 0.0
-    found_at: float | None = None
-    best: tuple[Problem, Verdict, str] | None = None
+class _Found:
+    problem: Callable[[], Problem]
+    verdict: Verdict
+    found_by: str
+
+
+def default_strategy(backend: object) -> st.SearchStrategy[Problem]:
+    """What a backend is fuzzed on unless told otherwise: `problems()`, limited to the table dtypes
+    the backend declares in an optional ``table_dtypes`` attribute (a quantized-only backend's
+    ``("int8", "int4", "int2")``, say: the default strategy holds quantized tables only now and then)."""
+    dtypes = getattr(backend, "table_dtypes", None)
+    return problems() if dtypes is None else problems(dtypes=tuple(dtypes))
 
 
 def fuzz_backend(
@@ -148,7 +246,7 @@ def fuzz_backend(
     max_examples: int | None = None,
     time_budget: float | None = None,
     seed: int = 0,
-    save_dir: Path | None = REGRESSIONS_DIR,
+    save_dir: Path | None = DEFAULT_SAVE_DIR,
     known: Sequence[Case] | None = None,
     strategy: st.SearchStrategy[Problem] | None = None,
     metamorphic: bool = True,
@@ -156,14 +254,15 @@ def fuzz_backend(
     threads: int | None = 1,
     progress: Progress | None = None,
 ) -> tuple[BackendStats, Failure | None]:
-    """Fuzz one backend; its statistics and the shrunk failure (saved under ``save_dir``), if any.
+    """Fuzz one backend; its statistics and the minimised failure (saved under ``save_dir``), if any.
 
-    Stops after ``max_examples`` or when ``time_budget`` seconds are spent, whichever comes first
-    (with neither, after the ``ci`` profile's 60 examples). Shrinking a failure gets at most
-    ``shrink_budget`` further seconds (the smallest failing example seen so far is kept).
-    ``label`` names the backend in the saved case (a built-in name or a ``module:ATTR`` spec that
-    ``jagbench replay`` can load); it defaults to ``backend.name``. The same ``seed`` and arguments
-    give the same examples (with a time budget, possibly fewer or more of them).
+    Stops at the first failure, after ``max_examples`` or when ``time_budget`` seconds are spent,
+    whichever comes first (with neither, after the ``ci`` profile's 60 examples). Minimising a
+    failure gets at most ``shrink_budget`` further seconds (the smallest failing problem so far
+    is kept). ``label`` names the backend in the saved case (a built-in name or a ``module:ATTR``
+    spec that ``jagbench replay`` can load); it defaults to ``backend.name``. The same ``seed``
+    and arguments give the same examples (with a time budget, possibly fewer or more of them)
+    and the same minimised case (unless the budget cuts minimisation short).
 
     ``threads`` sets torch's intra-op threads for the run (restored after): fuzz problems are
     small, and on a shared machine the thread hand-off costs more than the work (10x measured).
@@ -175,141 +274,175 @@ def fuzz_backend(
     try:
         return _fuzz_backend(
             backend,
-            label,
+            label or getattr(backend, "name", type(backend).__name__),
             max_examples,
             time_budget,
             seed,
             save_dir,
-            known,
-            strategy,
+            load_cases() if known is None else list(known),
+            strategy if strategy is not None else default_strategy(backend),
             metamorphic,
             shrink_budget,
-            progress,
+            progress if progress is not None else Progress(),
         )
     finally:
         torch.set_num_threads(before)
 
 
+def _settings(max_examples: int | None, time_budget: float | None) -> settings:
+    register_profiles()
+    base = settings.get_profile("campaign")
+    if max_examples is None:
+        max_examples = base.max_examples if time_budget else settings.get_profile("ci").max_examples
+    return settings(
+        base,
+        max_examples=max_examples,
+        derandomize=False,
+        report_multiple_bugs=False,
+        verbosity=Verbosity.quiet,
+        phases=[Phase.generate],
+    )
+
+
 def _fuzz_backend(
     backend: Backend,
-    label: str | None,
+    label: str,
     max_examples: int | None,
     time_budget: float | None,
     seed: int,
     save_dir: Path | None,
-    known: Sequence[Case] | None,
-    strategy: st.SearchStrategy[Problem] | None,
+    known: list[Case],
+    strategy: st.SearchStrategy[Problem],
     metamorphic: bool,
     shrink_budget: float,
-    progress: Progress | None,
+    progress: Progress,
 ) -> tuple[BackendStats, Failure | None]:
-    register_profiles()
-    label = label or getattr(backend, "name", type(backend).__name__)
-    known = load_cases() if known is None else list(known)
+    timed = TimedBackend(backend)
     stats = BackendStats(label)
     start = time.monotonic()
-    state = _RunState(stats, start, start + time_budget if time_budget else None, shrink_budget, progress)
+    deadline = start + time_budget if time_budget else None
+    found: list[_Found] = []
     relation = st.sampled_from((None, None, *RELATIONS)) if metamorphic else st.just(None)
-    base = settings.get_profile("campaign")
-    run_settings = settings(
-        base,
-        max_examples=max_examples
-        if max_examples is not None
-        else (base.max_examples if time_budget else settings.get_profile("ci").max_examples),
-        derandomize=False,
-        report_multiple_bugs=False,
-        verbosity=Verbosity.quiet,
-        phases=[p for p in base.phases if p.name != "explain"],
-    )
+    if time_budget:
+        progress.start(f"fuzz {label}", total=time_budget, unit="s")
+    else:
+        progress.start(
+            f"fuzz {label}", total=max_examples or settings.get_profile("ci").max_examples, unit="ex"
+        )
 
     @hypothesis_seed(seed)
-    @run_settings
-    @given(strategy if strategy is not None else problems(), relation, st.integers(0, 2**31 - 1))
+    @_settings(max_examples, time_budget)
+    @given(strategy, relation, st.integers(0, 2**31 - 1))
     def prop(problem: Problem, relation_name: str | None, relation_seed: int) -> None:
-        now = time.monotonic()
-        if state.found_at is None and state.deadline is not None and now > state.deadline:
+        if deadline is not None and time.monotonic() > deadline:
             raise _Stop
-        if state.found_at is not None and now > state.found_at + state.shrink_budget:
-            raise _Stop
-        pristine = _copy(problem)  # what is saved, even if the backend mutates its input
-        verdict, oracle = judge(backend, problem, known)
+        pristine = _pristine(problem)
+        verdict, oracle = judge(timed, problem, known)
         failing, found_by = pristine, "the reference check"
         if verdict.outcome is Outcome.AGREE and relation_name is not None:
-            broken = check_relation(backend, problem, oracle, relation_name, relation_seed, known)
+            broken = check_relation(timed, problem, oracle, relation_name, relation_seed, known)
             if broken is not None:
-                verdict, failing = broken
-                found_by = f"the metamorphic relation {relation_name!r}"
-        if state.found_at is None:
-            _count(state, verdict, relation_name)
-        if verdict.outcome is Outcome.AGREE and verdict.comparison is not None:
-            # Steer towards near-disagreements; not towards known ones, which would crowd the run.
-            target(verdict.comparison.worst_ratio, label="error / bound")
+                verdict, transformed = broken
+                failing, found_by = (lambda: transformed), f"the metamorphic relation {relation_name!r}"
+        stats.count(verdict, relation_name is not None, buckets(problem))
+        elapsed = time.monotonic() - start
+        progress.update(
+            elapsed if time_budget else stats.examples,
+            examples=stats.examples,
+            agreed=stats.agreed,
+            known=stats.known,
+            unsupported=stats.unsupported,
+        )
         if verdict.failed:
-            if state.found_at is None:
-                state.found_at = time.monotonic()
-                stats.seconds = state.found_at - start
-                if progress is not None:
-                    progress(f"fuzz {label}: failure after {stats.examples} examples; shrinking it")
-            state.best = (failing, verdict, found_by)
-            raise BackendFailure(verdict)
+            found.append(_Found(failing, verdict, found_by))
+            raise _Stop
 
     try:
         prop()
-    except (_Stop, BackendFailure):
+    except _Stop:
         pass
-    except Exception as e:  # noqa: BLE001 - e.g. a flaky failure: the best example is still kept
-        if state.best is None:
-            raise
-        if progress is not None:
-            progress(f"fuzz {label}: Hypothesis ended with {type(e).__name__}; keeping the smallest failure")
-    if state.found_at is None:
-        stats.seconds = time.monotonic() - start
-    if state.best is None:
+    stats.seconds = time.monotonic() - start
+    stats.backend_seconds = timed.seconds
+    progress.finish()
+    if not found:
         return stats, None
-    failing, verdict, found_by = state.best
-    failure = Failure(label, failing, verdict, found_by, stats.seconds)
+    return stats, _minimised_failure(
+        backend, label, found[0], stats, known, seed, save_dir, shrink_budget, progress
+    )
+
+
+def _minimised_failure(
+    backend: Backend,
+    label: str,
+    found: _Found,
+    stats: BackendStats,
+    known: list[Case],
+    seed: int,
+    save_dir: Path | None,
+    shrink_budget: float,
+    progress: Progress,
+) -> Failure:
+    original = found.problem()
+    progress.note(
+        f"fuzz {label}: {found.verdict.outcome.value} after {stats.examples} examples "
+        f"({stats.seconds:.1f} s); minimising it (at most {shrink_budget:g} s)"
+    )
+    result = minimise(
+        _without_spec(original),
+        found.verdict,
+        same_failure(backend, found.verdict, known),
+        budget=shrink_budget,
+    )
+    failure = Failure(
+        backend=label,
+        problem=result.problem,
+        verdict=result.verdict,
+        found_by=found.found_by,
+        seconds_to_find=stats.seconds,
+        examples_to_find=stats.examples,
+        original_size=describe_size(original),
+        minimised=result,
+        spec=original.metadata.get("spec"),
+    )
+    progress.note(
+        f"fuzz {label}: minimised in {result.steps} steps, {result.seconds:.1f} s"
+        + ("" if result.complete else " (budget spent before a fixed point)")
+    )
     if save_dir is not None:
         failure.case_path = save_case(_regression_case(failure, seed), Path(save_dir))
-    return stats, failure
+    return failure
 
 
-def _copy(problem: Problem) -> Problem:
-    b = problem.batch
-    batch = type(b)(
-        b.keys, b.values.clone(), b.lengths.clone(), None if b.weights is None else b.weights.clone()
-    )
-    weights = {k: w.clone() for k, w in problem.weights.items()}
-    return Problem(problem.tables, weights, batch, dict(problem.metadata))
-
-
-def _count(state: _RunState, verdict: Verdict, relation: str | None) -> None:
-    s = state.stats
-    s.examples += 1
-    if verdict.outcome is Outcome.AGREE:
-        s.agreed += 1
-        s.metamorphic += relation is not None
-        if verdict.comparison is not None:
-            s.worst_ratio = max(s.worst_ratio, verdict.comparison.worst_ratio)
-    elif verdict.outcome is Outcome.KNOWN:
-        s.known += 1
-        s.known_cases[verdict.detail.split("'")[1] if "'" in verdict.detail else verdict.detail] += 1
-    elif verdict.outcome is Outcome.UNSUPPORTED:
-        s.unsupported += 1
-    else:
-        s.failed += 1
-    now = time.monotonic()
-    if state.progress is not None and now - state.last_progress >= 1.0:
-        state.last_progress = now
-        state.progress(
-            f"fuzz {s.backend}: {s.examples} examples, {s.agreed} agreed, {s.known} known, "
-            f"{s.unsupported} unsupported, worst error/bound {s.worst_ratio:.2g}, {now - state.start:.0f} s"
-        )
+def _without_spec(problem: Problem) -> Problem:
+    """The problem without its generating spec: once minimised, the spec no longer describes it."""
+    metadata = {k: v for k, v in problem.metadata.items() if k != "spec"}
+    return Problem(problem.tables, problem.weights, problem.batch, metadata)
 
 
 def _regression_case(failure: Failure, seed: int) -> Case:
     problem_json = problem_to_json(failure.problem)
     digest = hashlib.sha1(json.dumps(problem_json, sort_keys=True).encode()).hexdigest()[:10]
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", failure.backend).strip("-") or "backend"
+    m = failure.minimised
+    found: dict[str, object] = {
+        "by": f"jagbench fuzz --seed {seed} ({failure.found_by})",
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "seconds_to_find": round(failure.seconds_to_find, 2),
+        "examples_to_find": failure.examples_to_find,
+    }
+    if m is not None:
+        found["minimised"] = {
+            "by": "harness.fuzz.minimise",
+            "steps": m.steps,
+            "attempts": m.attempts,
+            "seconds": round(m.seconds, 2),
+            "fixed_point": m.complete,
+            "from": failure.original_size,
+            "to": describe_size(failure.problem),
+        }
+    if failure.spec is not None:
+        found["generated_from"] = failure.spec
     return Case(
         name=f"{safe}-{digest}",
         kind="regression",
@@ -318,12 +451,7 @@ def _regression_case(failure: Failure, seed: int) -> Case:
         expect="agree",
         problem=failure.problem,
         problem_json=problem_json,
-        found={
-            "by": f"jagbench fuzz --seed {seed} ({failure.found_by}), shrunk by Hypothesis",
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-            "torch": torch.__version__,
-            "seconds_to_find": round(failure.seconds_to_find, 2),
-        },
+        found=found,
     )
 
 
@@ -334,8 +462,9 @@ def fuzz(
     max_examples: int | None = None,
     time_budget: float | None = None,
     seed: int = 0,
-    save_dir: Path | None = REGRESSIONS_DIR,
+    save_dir: Path | None = DEFAULT_SAVE_DIR,
     known: Sequence[Case] | None = None,
+    strategy: st.SearchStrategy[Problem] | None = None,
     shrink_budget: float = 60.0,
     threads: int | None = 1,
     progress: Progress | None = None,
@@ -360,6 +489,7 @@ def fuzz(
             seed=seed,
             save_dir=save_dir,
             known=known,
+            strategy=strategy,
             shrink_budget=shrink_budget,
             threads=threads,
             progress=progress,
@@ -367,4 +497,15 @@ def fuzz(
         stats.append(s)
         if failure is not None:
             failures.append(failure)
-    return FuzzReport(stats, failures)
+    return FuzzReport(stats, failures, settings=_run_settings(max_examples, time_budget, seed, shrink_budget))
+
+
+def _run_settings(
+    max_examples: int | None, time_budget: float | None, seed: int, shrink_budget: float
+) -> Mapping[str, object]:
+    return {
+        "max_examples": max_examples,
+        "time_budget": time_budget,
+        "seed": seed,
+        "shrink_budget": shrink_budget,
+    }

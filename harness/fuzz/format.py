@@ -6,9 +6,13 @@ from collections.abc import Sequence
 
 import torch
 
-from harness.fuzz.results import Failure, FuzzReport
+from harness.fuzz.minimise import describe_size
+from harness.fuzz.results import BackendStats, Failure, FuzzReport
 from harness.markdown import markdown_table
 from harness.model import Problem, dtype_name, output_columns
+from harness.quantized import QuantizedTable, dequantize
+
+REGRESSIONS_DIR_NAME = "cases/regressions/"
 
 
 def _floats(xs: Sequence[float], limit: int = 8) -> str:
@@ -50,6 +54,13 @@ def format_problem(problem: Problem, *, max_ids: int = 16, max_rows: int = 8) ->
         rows = sorted(touched.get(t.name, ()))
         w = problem.weights[t.name]
         for r in rows[:max_rows]:
+            if isinstance(w, QuantizedTable):  # the stored row, then what it stands for
+                lines.append(
+                    f"  {t.name}[{r}] = codes {w.codes[r].tolist()[:16]}{' ...' if w.dim > 16 else ''}, "
+                    f"scale {float(w.scale[r]):.6g}, bias {float(w.bias[r]):.6g}: "
+                    f"{_floats(dequantize(w.select_rows(slice(r, r + 1)))[0].tolist())}"
+                )
+                continue
             lines.append(f"  {t.name}[{r}] = {_floats(w[r].to(torch.float64).tolist())}")
         if len(rows) > max_rows:
             lines.append(f"  ... {len(rows) - max_rows} more rows of {t.name}")
@@ -72,8 +83,15 @@ def format_failure(failure: Failure) -> str:
         f"## {failure.backend}: {v.outcome.value}, found by {failure.found_by} "
         f"after {failure.seconds_to_find:.1f} s",
         f"{v.detail}",
-        format_problem(failure.problem),
     ]
+    m = failure.minimised
+    if m is not None and failure.original_size is not None:
+        lines.append(
+            f"minimised in {m.steps} steps ({m.attempts} tries, {m.seconds:.1f} s"
+            + ("" if m.complete else ", budget spent before a fixed point")
+            + f") from {_size_text(failure.original_size)} to {_size_text(describe_size(failure.problem))}"
+        )
+    lines.append(format_problem(failure.problem))
     c = v.comparison
     if c is not None and c.worst_index is not None:
         lines.append(
@@ -82,11 +100,52 @@ def format_failure(failure: Failure) -> str:
         )
     if failure.case_path is not None:
         lines.append(f"saved as {failure.case_path}; rerun with: jagbench replay {failure.case_path}")
+        if REGRESSIONS_DIR_NAME not in str(failure.case_path):
+            lines.append(
+                f"to keep it as a regression test, copy it to {REGRESSIONS_DIR_NAME} and commit it "
+                "with the fix (the test suite replays every case there)"
+            )
     return "\n".join(lines)
 
 
-def format_report(report: FuzzReport) -> str:
-    """A Markdown table per backend, then every failure in full."""
+def _size_text(size: dict[str, int]) -> str:
+    def n(count: int, what: str) -> str:
+        return f"{count} {what}" if count == 1 else f"{count} {what}s"
+
+    return (
+        f"{n(size['tables'], 'table')}, {n(size['features'], 'feature')}, {n(size['samples'], 'sample')}, "
+        f"{n(size['ids'], 'id')} (longest bag {size['longest_bag']}), dim <= {size['max_dim']}"
+    )
+
+
+def format_coverage(stats: BackendStats, *, width: int = 100) -> str:
+    """What one backend's run exercised, one line per dimension, like Hypothesis's event
+    statistics: each non-empty bucket with its share of the examples the backend ran."""
+    ran = stats.checked
+    n = stats.examples
+    head = (
+        f"coverage of {stats.backend}: {n} examples, {_share(stats.unsupported, n)} unsupported, "
+        f"{_share(stats.known, n)} known"
+    )
+    if ran == 0:
+        return head + "; none ran"
+    lines = [head + f"; buckets of the {ran} that ran:"]
+    for name, counts in stats.coverage.items():
+        parts = [f"{label} {_share(n, ran)}" for label, n in counts.items() if n]
+        line = f"  {name}: " + ", ".join(parts)
+        lines.append(line if len(line) <= width else line[: width - 3] + "...")
+    return "\n".join(lines)
+
+
+def _share(n: int, of: int) -> str:
+    if of == 0 or n == 0:
+        return "0%"
+    pct = 100 * n / of
+    return f"{pct:.0f}%" if pct >= 1 else "<1%"
+
+
+def format_report(report: FuzzReport, *, coverage: bool = True) -> str:
+    """A Markdown table per backend, what each exercised (``coverage``), then every failure in full."""
     headers = [
         "backend",
         "examples",
@@ -96,6 +155,7 @@ def format_report(report: FuzzReport) -> str:
         "failed",
         "worst error/bound",
         "examples/s",
+        "harness share",
     ]
     rows = [
         [
@@ -107,6 +167,7 @@ def format_report(report: FuzzReport) -> str:
             s.failed,
             f"{s.worst_ratio:.3g}",
             f"{s.examples_per_second:.1f}",
+            f"{100 * s.harness_share:.0f}%",
         ]
         for s in report.stats
     ]
@@ -114,6 +175,9 @@ def format_report(report: FuzzReport) -> str:
     for s in report.stats:
         for name, n in sorted(s.known_cases.items()):
             text += f"\n- {s.backend}: {n} examples explained by known discrepancy {name!r}"
+    if coverage:
+        for s in report.stats:
+            text += "\n\n" + format_coverage(s)
     for f in report.failures:
         text += "\n\n" + format_failure(f)
     return text

@@ -11,17 +11,20 @@ Exact equality is not owed. A permutation changes the order of the additions; a 
 block or vectorise its sums differently for another batch size or table layout. The written error
 analysis (`harness.tolerance`) bounds *each* result by ``bound`` around the exact value whatever the
 summation order, so two correct results differ by at most ``2 * bound`` per element; that is the
-tolerance used here. The bound needs only the terms' magnitudes and the bag lengths, which do not
-change under these transformations, not the reference value.
+tolerance used here, and each must be of a class (finite, +-inf, NaN) its element may take. The
+tolerance needs only the terms' magnitudes, signs and the bag lengths, which do not change under
+these transformations, not the reference value.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from harness.model import JaggedBatch, Problem, TableConfig
+from harness.tolerance import Tolerance, describe_classes, first_apart
 
 RELATIONS: tuple[str, ...] = ("permute", "split-batch", "split-table")
 
@@ -61,20 +64,30 @@ def split_table(problem: Problem) -> Problem | None:
     return None
 
 
-def within(got: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor) -> tuple[bool, str]:
-    """Whether ``got`` is within ``2 * bound`` of ``expected`` (another result of the same backend)."""
+def within(
+    got: torch.Tensor, expected: torch.Tensor, tolerance: Tolerance | torch.Tensor
+) -> tuple[bool, str]:
+    """Whether ``got`` and ``expected`` (two results of the same backend) can both be correct.
+
+    Each must be of a class its element may take (`harness.tolerance`: finite, or an infinity or
+    NaN only where some summation order overflows or the reference is not finite), and where
+    both are finite they may differ by at most ``2 * bound``. A bare bound tensor allows
+    non-finite values only where ``expected`` has the same one.
+    """
     if tuple(got.shape) != tuple(expected.shape):
         return False, f"shape {tuple(got.shape)} instead of {tuple(expected.shape)}"
-    a = got.detach().to("cpu", torch.float64)
-    e = expected.detach().to("cpu", torch.float64)
-    same = (a == e) | (torch.isnan(a) & torch.isnan(e))
-    ok = same | torch.isinf(bound) | ((a - e).abs() <= 2 * bound)
-    if bool(ok.all()):
+    flat = first_apart(got, expected, tolerance)
+    if flat < 0:
         return True, ""
-    idx = tuple(int(i) for i in (~ok).nonzero()[0])
+    idx = tuple(int(i) for i in np.unravel_index(flat, tuple(got.shape)))
+    a, e = float(got[idx]), float(expected[idx])
+    if isinstance(tolerance, Tolerance):
+        bound, allowed = float(tolerance.bound[idx]), describe_classes(int(tolerance.classes[idx]))
+    else:
+        bound, allowed = float(tolerance[idx]), "finite or the value before"
     return False, (
-        f"element {list(idx)}: {float(a[idx])!r} vs {float(e[idx])!r} before the transformation, "
-        f"allowed difference 2 * {float(bound[idx]):.3g}"
+        f"element {list(idx)}: {a!r} vs {e!r} before the transformation, "
+        f"allowed difference 2 * {bound:.3g} (the element may be {allowed})"
     )
 
 

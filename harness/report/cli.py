@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from harness.command_line import EXIT_OK, UsageError
+from harness.command_line import EXIT_OK, UsageError, add_output_options, set_result
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -30,6 +30,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     written = write_report(runs, Path(args.out), extra_sections=extra, baseline=args.baseline)
     for p in written:
         print(p)
+    set_result(args, {"runs": list(args.runs), "written": [str(p) for p in written]})
     return EXIT_OK
 
 
@@ -45,4 +46,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="a section to include: Markdown, or the JSON of `jagbench robustness --json`; repeatable",
     )
+    add_output_options(p)
     p.set_defaults(func=cmd_report)

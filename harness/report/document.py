@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from harness.bench.metrics import BYTE_MODEL
+from harness.bench.paired import speedup
 from harness.bench.runs import Run
+from harness.bench.summary import conditions_text, per_repeat_text, speedup_text, spread_pairs, spread_table
 from harness.cases import CASES_DIR, load_cases
 from harness.markdown import markdown_table
 
@@ -36,6 +38,9 @@ class Row:
     speedup: float | None
     known: str | None
     params: dict[str, Any]
+    speedup_interval: tuple[float, float] | None = None
+    by_repeat: tuple[float, ...] = ()
+    spread: float | None = None
 
 
 def _rows(runs: Sequence[Run], baseline: str | None) -> list[Row]:
@@ -47,11 +52,7 @@ def _rows(runs: Sequence[Run], baseline: str | None) -> list[Row]:
     rows = []
     for run in runs:
         base = baseline or run.baseline
-        ref = {
-            b["extra_info"]["workload"]: b["stats"]["median"]
-            for b in run.benchmarks
-            if b["extra_info"]["backend"] == base
-        }
+        ref = {b["extra_info"]["workload"]: b for b in run.benchmarks if b["extra_info"]["backend"] == base}
         for b in run.benchmarks:
             info, stats = b["extra_info"], b["stats"]
             median = stats["median"]
@@ -60,6 +61,7 @@ def _rows(runs: Sequence[Run], baseline: str | None) -> list[Row]:
             gbps = info["bytes"] / median / 1e9
             bw = run.bandwidth_gbps
             r = ref.get(info["workload"])
+            s = speedup(b, r) if r is not None else None  # paired rounds when the run has them
             rows.append(
                 Row(
                     backend=label,
@@ -70,9 +72,12 @@ def _rows(runs: Sequence[Run], baseline: str | None) -> list[Row]:
                     ids_per_s=info["ids"] / median,
                     gbps=gbps,
                     fraction=gbps / bw if bw else None,
-                    speedup=r / median if r else None,
+                    speedup=s.speedup if s else None,
                     known=info.get("known_discrepancy"),
                     params=info.get("parameters", {}),
+                    speedup_interval=(s.low, s.high) if s and s.low is not None else None,
+                    by_repeat=s.by_repeat if s else (),
+                    spread=s.spread if s else None,
                 )
             )
     return rows
@@ -106,35 +111,80 @@ def summary_matrix(rows: Sequence[Row]) -> str:
 def detail_table(rows: Sequence[Row], baseline: str) -> str:
     """One line per case with every figure, fastest first within a workload."""
     workloads = _order([r.workload for r in rows])
-    return markdown_table(
-        [
-            "workload",
-            "backend",
-            "median ms",
-            "IQR ms",
-            "rounds",
-            "Mids/s",
-            "GB/s",
-            "of bandwidth",
-            f"speedup vs {baseline}",
-            "note",
-        ],
-        [
-            [
-                r.workload,
-                r.backend,
-                f"{r.median * 1e3:.4g}",
-                f"{r.iqr * 1e3:.3g}",
-                r.rounds,
-                f"{r.ids_per_s / 1e6:.3g}",
-                f"{r.gbps:.3g}",
-                _fmt(r.fraction and r.fraction * 100, ".2g") + "%",
-                _fmt(r.speedup, ".2f"),
-                "known discrepancy" if r.known else "",
+    repeats = any(r.spread is not None for r in rows)
+    head = [
+        "workload",
+        "backend",
+        "median ms",
+        "IQR ms",
+        "rounds",
+        "Mids/s",
+        "GB/s",
+        "of bandwidth",
+        f"speedup vs {baseline} [95% CI]",
+    ]
+    if repeats:
+        head.append("per repeat (max/min)")
+    head.append("note")
+    lines = []
+    for r in sorted(rows, key=lambda r: (workloads.index(r.workload), -r.gbps)):
+        line = [
+            r.workload,
+            r.backend,
+            f"{r.median * 1e3:.4g}",
+            f"{r.iqr * 1e3:.3g}",
+            r.rounds,
+            f"{r.ids_per_s / 1e6:.3g}",
+            f"{r.gbps:.3g}",
+            _fmt(r.fraction and r.fraction * 100, ".2g") + "%",
+            speedup_text(r.speedup, r.speedup_interval),
+        ]
+        if repeats:
+            line.append(per_repeat_text(r.by_repeat, r.spread))
+        line.append("known discrepancy" if r.known else "")
+        lines.append(line)
+    return markdown_table(head, lines)
+
+
+def method_section(runs: Sequence[Run]) -> str:
+    """Per run: how it was timed (interleaved, repeats), cold or warm, load, and the noise monitor."""
+    out = []
+    for run in runs:
+        section = run.jagbench
+        out.append(f"### {run.path.name}")
+        if not section.get("method"):
+            out += ["- timed one case after another (a run made before interleaving): no paired rounds", ""]
+            continue
+        m = section["method"]
+        out.append(
+            f"- {conditions_text(section)} Rounds per workload: from {m.get('min_rounds')} to "
+            f"{m.get('max_rounds')}, {m.get('warmup_rounds')} warm-up round(s) first; a backend's span in a "
+            f"round lasts at least {m.get('min_round_s', 0) * 1e3:g} ms."
+        )
+        noise = section.get("noise") or {}
+        if noise.get("reference_s"):
+            threshold = noise.get("threshold", 0.1)
+            out.append(
+                f"- noise monitor: {noise.get('kernel')}; run median {noise['reference_s'] * 1e3:.3g} ms. "
+                f"A workload is flagged when the probe's median was off the run median, or drifted between "
+                f"blocks of rounds, by more than {threshold:.0%}."
+            )
+            warnings = noise.get("warnings") or []
+            out += [f"- **NOISE WARNING**: {w}" for w in warnings] or [
+                "- no workload flagged: the machine was steady"
             ]
-            for r in sorted(rows, key=lambda r: (workloads.index(r.workload), -r.gbps))
-        ],
-    )
+        out.append("")
+        pairs = spread_pairs(section.get("pairs") or [], section.get("backends") or [], run.baseline)
+        if pairs:
+            worst = max(pairs, key=lambda p: p["spread"])
+            out += [
+                f"Spread of each paired speedup over {m.get('repeat')} repeats (largest "
+                f"{worst['spread']:.3f}: {worst['backend']} over {worst['over']} on {worst['workload']}):",
+                "",
+                spread_table(pairs),
+                "",
+            ]
+    return "\n".join(out)
 
 
 def _palette(n: int) -> Any:
@@ -256,15 +306,33 @@ def known_section(directory: Path = CASES_DIR) -> str:
     cases = [c for c in load_cases(directory) if c.kind == "known-discrepancy"]
     if not cases:
         return "None recorded."
+
+    def cell(text: str) -> str:
+        return text.replace("|", "/").replace("\n", " ")
+
     return markdown_table(
-        ["case", "backend", "summary"],
-        [[c.name, c.backend, c.summary.replace("|", "/").replace("\n", " ")] for c in cases],
+        ["case", "backend", "summary", "model (what is checked)", "status"],
+        [
+            [
+                c.name,
+                c.backend,
+                cell(c.summary),
+                cell(c.model.describe()) if c.model else "none (format 1): explains nothing",
+                "reproduced" if c.reproduced else "never reproduced: explains nothing",
+            ]
+            for c in cases
+        ],
     )
 
 
 def problems_section(runs: Sequence[Run]) -> str:
     out = []
     for run in runs:
+        for k in run.jagbench.get("known", []):
+            out.append(
+                f"- known discrepancy, not timed: {k['backend']} x {k['workload']}: case `{k.get('case')}`: "
+                f"{k.get('detail', '')}"
+            )
         for f in run.jagbench.get("failed", []):
             out.append(
                 f"- FAILED the reference check (not timed): {f['backend']} x {f['workload']}: "
@@ -287,6 +355,9 @@ def build_markdown(
         "",
         f"Runs: {', '.join(r.path.name for r in runs)}. "
         f"Speedups are against `{base}` (x2.00 = twice as fast). "
+        "Each speedup is the median of per-round paired ratios (the backends of a workload are timed in "
+        "interleaved rounds, in a random order each round), with its 95% bootstrap interval in brackets "
+        "(a run made before interleaving has no pairs: the ratio of medians, without an interval). "
         'GB/s follows the byte model below; "of bandwidth" divides it by the copy bandwidth measured in the '
         "same run. K = a known discrepancy of that backend applies to this workload: timed, but its result "
         "differs from the contract (see the last section).",
@@ -302,6 +373,9 @@ def build_markdown(
         f"Byte model: {BYTE_MODEL}. "
         "Latency is the median of the timed rounds; IQR is their interquartile range.",
         "",
+        "## Method, conditions and noise",
+        "",
+        method_section(runs),
         "## Plots",
         "",
     ]

@@ -11,16 +11,24 @@ import signal
 import sys
 from pathlib import Path
 
-from harness.command_line import EXIT_FOUND, EXIT_OK, UsageError, add_backend_option, positive, progress_line
+from harness.command_line import (
+    EXIT_FOUND,
+    EXIT_OK,
+    UsageError,
+    add_backend_option,
+    add_output_options,
+    positive,
+    progress_of,
+)
 
-DEFAULT_JSON = Path("reports/robustness.json")
+DEFAULT_JSON = Path("reports/runs/robustness.json")
 
 
 def cmd_robustness(args: argparse.Namespace) -> int:
     from harness.backend import BackendSpecError, builtin_names
     from harness.robustness.inputs import CatalogueError, load_catalogue
     from harness.robustness.matrix import OWN_BACKENDS, run_matrix, unclean_own
-    from harness.robustness.render import render_markdown
+    from harness.robustness.render import render_markdown, render_summary
 
     try:
         catalogue = load_catalogue()
@@ -39,21 +47,22 @@ def cmd_robustness(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             jobs=args.jobs,
             json_path=json_path,
-            progress=progress_line,
+            progress=progress_of(args),
             process_per_case=args.process_per_case,
         )
     except BackendSpecError as e:
         raise UsageError(str(e)) from e
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if sys.stderr.isatty():
-        print(file=sys.stderr)
-    markdown = render_markdown(doc)
     md_path = Path(args.markdown) if args.markdown else json_path.with_suffix(".md")
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text(markdown)
-    print(markdown)
-    print(f"wrote {json_path} and {md_path} (for jagbench report --robustness {md_path})", file=sys.stderr)
+    md_path.write_text(render_markdown(doc))
+    print(render_summary(doc))
+    if not args.quiet:
+        print(
+            f"the whole matrix: {md_path} and {json_path} (jagbench report --robustness {json_path})",
+            file=sys.stderr,
+        )
     missing = [b for b in doc["backends"] if not b["available"]]
     if args.backend and missing:
         raise UsageError("not available: " + "; ".join(f"{b['spec']}: {b['reason']}" for b in missing))
@@ -77,8 +86,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
             "cases/robustness/inputs.json directly (harness.validate bypassed), in a child process "
             "with a time limit per case (one per case; one per backend for a backend that keeps "
             "worker processes, replaced after a crash or hang), and is classified: raised / "
-            "returned silently (which reading) / crashed / hung / mutated its inputs. Exit 0 when "
-            "the matrix ran, 1 when numba or triton was not clean, 2 on a usage error."
+            "returned silently (which reading) / crashed / hung / mutated its inputs. The terminal "
+            "gets a summary per backend and the cases that were not clean; the whole matrix goes to "
+            "--json and --markdown. Exit 0 when the matrix ran, 1 when numba or triton was not clean, "
+            "2 on a usage error."
         ),
     )
     add_backend_option(p, "every built-in, unavailable ones listed with the reason")
@@ -92,13 +103,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--json",
         default=str(DEFAULT_JSON),
         metavar="PATH",
-        help=f"where to write the results, rewritten after every case (default {DEFAULT_JSON})",
+        help=f"where to write the results (JSON, jagbench-robustness/1, with a per-backend summary), "
+        f"rewritten after every case (default {DEFAULT_JSON})",
     )
     p.add_argument(
         "--markdown",
         default=None,
         metavar="PATH",
-        help="where to write the Markdown section for `jagbench report --robustness` "
+        help="where to write the whole matrix as Markdown, the section for `jagbench report --robustness` "
         "(default: the JSON path with .md)",
     )
     p.add_argument(
@@ -116,4 +128,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "(by default such a backend, e.g. torchrec-sharded-*, runs all its inputs in one process "
         "that restarts after a crash or hang)",
     )
+    add_output_options(p, summary_json=False)
     p.set_defaults(func=cmd_robustness)

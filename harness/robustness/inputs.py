@@ -24,9 +24,10 @@ from typing import Any
 import torch
 
 from harness.cases import CASES_DIR, table_from_json
-from harness.model import JaggedBatch, TableConfig, dtype_name
-from harness.reference.forward import reference_pool
-from harness.tolerance import compare, error_bound
+from harness.model import JaggedBatch, TableConfig, TableWeights, dtype_name, is_quantized
+from harness.quantized import QuantizedTable, concat_rows, levels_of
+from harness.reference.forward import pool_loop
+from harness.tolerance import Tolerance, compare
 from harness.validate import ProblemError, validate_batch_layout
 from harness.weights import make_weights
 
@@ -60,7 +61,7 @@ class RawProblem:
     """A problem as handed to a backend, possibly malformed: nothing about it is guaranteed."""
 
     tables: tuple[TableConfig, ...]
-    weights: dict[str, torch.Tensor]
+    weights: dict[str, TableWeights]
     batch: JaggedBatch
 
 
@@ -236,6 +237,42 @@ def _cast_table(d: _Draft, e: Mapping[str, Any]) -> None:
     d.weights[t.name] = d.weights[t.name].to(_DTYPES[e["dtype"]])
 
 
+def _quantized(d: _Draft, name: str) -> tuple[int, TableConfig, QuantizedTable]:
+    i, t = d.table(name)
+    w = d.weights[t.name]
+    if not isinstance(w, QuantizedTable):
+        raise CatalogueError(f"table {name!r} is not quantized")
+    return i, t, w.clone()
+
+
+def _set_code(d: _Draft, e: Mapping[str, Any]) -> None:
+    _, t, w = _quantized(d, e["table"])
+    w.codes[e["row"], e["column"]] = int(e["value"])
+    d.weights[t.name] = w
+
+
+def _set_qparam(d: _Draft, e: Mapping[str, Any]) -> None:
+    """A row's ``"scale"`` or ``"bias"`` set (to a float16 value)."""
+    _, t, w = _quantized(d, e["table"])
+    getattr(w, e["part"])[e["row"]] = _number(e["value"])
+    d.weights[t.name] = w
+
+
+def _cast_quantized(d: _Draft, e: Mapping[str, Any]) -> None:
+    """A quantized table's ``"codes"``, ``"scale"`` or ``"bias"`` stored as another dtype."""
+    _, t, w = _quantized(d, e["table"])
+    parts = {"codes": w.codes, "scale": w.scale, "bias": w.bias}
+    parts[e["part"]] = parts[e["part"]].to(_DTYPES[e["dtype"]])
+    d.weights[t.name] = QuantizedTable(parts["codes"], parts["scale"], parts["bias"], w.storage)
+
+
+def _set_dim(d: _Draft, e: Mapping[str, Any]) -> None:
+    """A table cut to its first ``dim`` columns (a quantized one: a dim its packing may not hold)."""
+    i, t = d.table(e["table"])
+    d.tables[i] = replace(t, embedding_dim=int(e["dim"]))
+    d.weights[t.name] = d.weights[t.name][:, : int(e["dim"])].clone()
+
+
 _EDITS: dict[str, Callable[[_Draft, Mapping[str, Any]], None]] = {
     "set_id": _set_id,
     "set_bags": _set_bags,
@@ -250,6 +287,10 @@ _EDITS: dict[str, Callable[[_Draft, Mapping[str, Any]], None]] = {
     "set_table_value": _set_table_value,
     "empty_table": _empty_table,
     "cast_table": _cast_table,
+    "set_code": _set_code,
+    "set_qparam": _set_qparam,
+    "cast_quantized": _cast_quantized,
+    "set_dim": _set_dim,
 }
 
 
@@ -375,8 +416,55 @@ def _extra_weights_ignored(p: RawProblem) -> RawProblem:
     return replace(p, batch=replace(p.batch, weights=w[: len(p.batch.values)]))
 
 
+def _bad_ids_as_zero_rows(p: RawProblem) -> RawProblem:
+    """Each bad id reads a row of zeros, and still counts in a MEAN bag's length (FBGEMM's
+    inference TBE reads an id of -1 as a pruned row so): a zero row appended to its table."""
+    table_of = {f: t.name for t in p.tables for f in t.feature_names}
+    b = p.batch.batch_size
+    ids = p.batch.values.tolist()
+    rows = _table_rows(p)
+    bad_tables = {
+        table_of[p.batch.keys[i // b]]
+        for i, bag in enumerate(_bags(p.batch))
+        for pos in bag
+        if _bad(int(ids[pos]), rows[pos])
+    }
+    tables, weights = [], dict(p.weights)
+    for t in p.tables:
+        if t.name in bad_tables:
+            w = p.weights[t.name]
+            if isinstance(w, QuantizedTable):
+                zero = QuantizedTable(
+                    torch.zeros(1, t.embedding_dim, dtype=w.codes.dtype),
+                    torch.zeros(1, dtype=w.scale.dtype),
+                    torch.zeros(1, dtype=w.bias.dtype),
+                    w.storage,
+                )
+                weights[t.name] = concat_rows([w, zero])
+            else:
+                weights[t.name] = torch.cat([w, torch.zeros(1, t.embedding_dim, dtype=w.dtype)])
+            t = replace(t, num_embeddings=t.num_embeddings + 1)
+        tables.append(t)
+    mapped = _map_ids(p, lambda v, n: n if _bad(v, n) else v)
+    return replace(mapped, tables=tuple(tables), weights=weights)
+
+
+def _codes(p: RawProblem, fix: Callable[[torch.Tensor, int], torch.Tensor]) -> RawProblem:
+    weights = dict(p.weights)
+    for t in p.tables:
+        w = p.weights[t.name]
+        if isinstance(w, QuantizedTable) and is_quantized(t):
+            weights[t.name] = QuantizedTable(fix(w.codes, levels_of(t.dtype)), w.scale, w.bias, w.storage)
+    return replace(p, weights=weights)
+
+
 def _table_cast_to_config_dtype(p: RawProblem) -> RawProblem:
-    return replace(p, weights={t.name: p.weights[t.name].to(t.dtype) for t in p.tables})
+    return replace(
+        p,
+        weights={
+            t.name: p.weights[t.name] if is_quantized(t) else p.weights[t.name].to(t.dtype) for t in p.tables
+        },
+    )
 
 
 def _ids_cast_to_int64(p: RawProblem) -> RawProblem:
@@ -418,6 +506,9 @@ READINGS: dict[str, Callable[[RawProblem], RawProblem]] = {
     "ids-cast-to-int64": _ids_cast_to_int64,
     "stray-keys-ignored": _stray_keys_ignored,
     "missing-features-as-zeros": _missing_features_as_zeros,
+    "bad-ids-as-zero-rows": _bad_ids_as_zero_rows,
+    "codes-masked": lambda p: _codes(p, lambda c, top: c & top),
+    "codes-clamped": lambda p: _codes(p, lambda c, top: c.clamp(max=top)),
 }
 
 
@@ -436,6 +527,12 @@ def _computable(p: RawProblem) -> str | None:
         return f"batch keys {list(p.batch.keys)} are not the tables' features {features}"
     for t in p.tables:
         w = p.weights[t.name]
+        if isinstance(w, QuantizedTable):
+            shapes = (tuple(w.codes.shape), tuple(w.scale.shape), tuple(w.bias.shape))
+            rows = (t.num_embeddings,)
+            if shapes != ((t.num_embeddings, t.embedding_dim), rows, rows) or w.codes.is_floating_point():
+                return f"quantized table {t.name!r}: codes, scale, bias of shapes {shapes}"
+            continue
         if tuple(w.shape) != (t.num_embeddings, t.embedding_dim) or not w.is_floating_point():
             return f"weights of table {t.name!r}: {dtype_name(w.dtype)} {tuple(w.shape)}"
     ids = p.batch.values.tolist()
@@ -451,7 +548,7 @@ class ReadingResult:
 
     name: str
     value: torch.Tensor | None
-    bound: torch.Tensor | None
+    bound: Tolerance | None
     not_applicable: str | None
 
 
@@ -464,10 +561,9 @@ def reading_results(problem: RawProblem, names: Sequence[str]) -> list[ReadingRe
         if why is not None:
             out.append(ReadingResult(name, None, None, why))
             continue
-        ref = reference_pool(p.tables, p.weights, p.batch)
-        out.append(
-            ReadingResult(name, ref.value, error_bound(ref.magnitude, ref.bag_length, ref.is_mean), None)
-        )
+        # The readable loop: it widens any stored dtype (a malformed input may have float64 tables).
+        ref = pool_loop(p.tables, p.weights, p.batch)
+        out.append(ReadingResult(name, ref.value, ref.tolerance(), None))
     return out
 
 

@@ -34,7 +34,7 @@ import platform
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,6 +45,7 @@ import torch
 
 from harness.backend import BackendSpecError
 from harness.model import total_dim
+from harness.progress import Progress
 from harness.robustness.inputs import (
     Catalogue,
     MalformedInput,
@@ -208,7 +209,12 @@ def control_inputs(catalogue: Catalogue) -> list[MalformedInput]:
 
 
 def probe_backends(
-    specs: Sequence[str], catalogue: Catalogue, *, timeout: float = 180.0, jobs: int = DEFAULT_JOBS
+    specs: Sequence[str],
+    catalogue: Catalogue,
+    *,
+    timeout: float = 180.0,
+    jobs: int = DEFAULT_JOBS,
+    progress: Progress | None = None,
 ) -> tuple[list[BackendEntry], dict[str, list[Finished]]]:
     """Load each backend in an isolated child and run it on the valid base problems.
 
@@ -220,9 +226,11 @@ def probe_backends(
     entries: dict[str, BackendEntry] = {}
     controls: dict[str, list[Finished]] = {}
     bases = list(catalogue.bases)
+    progress = progress or Progress()
 
     def done(f: Finished) -> None:
         spec = f.key[0]
+        progress.update(len(entries) + 1, last=spec)
         said = {m[0]: m[1] for m in f.messages}
         if "unavailable" in said:
             entries[spec] = BackendEntry(
@@ -318,7 +326,7 @@ def run_matrix(
     timeout: float = DEFAULT_TIMEOUT_S,
     jobs: int = DEFAULT_JOBS,
     json_path: Path | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
     process_per_case: bool = False,
 ) -> dict[str, Any]:
     """Every available backend of ``specs`` on the controls and every named input; the JSON document.
@@ -329,6 +337,7 @@ def run_matrix(
     unless ``process_per_case``; those children start first, being the longest.
     """
     started = time.monotonic()
+    progress = progress or Progress()
     catalogue = catalogue or load_catalogue()
     controls = control_inputs(catalogue)
     inputs = catalogue.select(input_names)
@@ -339,9 +348,8 @@ def run_matrix(
         base = build_base(catalogue, i.base)
         readings[i.name] = reading_results(build_input(catalogue, i), i.readings)
         shapes[i.name] = (base.batch.batch_size, total_dim(base.tables))
-    if progress is not None:
-        progress(f"robustness: loading {len(specs)} backends and running them on the valid base problems")
-    backends, control_runs = probe_backends(specs, catalogue, jobs=jobs)
+    progress.start("robustness: loading the backends", total=len(specs), unit="backends")
+    backends, control_runs = probe_backends(specs, catalogue, jobs=jobs, progress=progress)
     doc = new_document(catalogue, controls + inputs, backends, timeout, jobs, process_per_case)
     name_of = {b.spec: str(b.name) for b in backends}
     unsupported = {
@@ -352,14 +360,17 @@ def run_matrix(
     }
     todo = {b.spec: [i.name for i in inputs] for b in backends if b.available}
     total = sum(len(names) for names in todo.values()) + len(controls) * len(control_runs)
+    progress.start("robustness", total=total, unit="cases")
+    not_clean = 0
 
     def record(spec: str, name: str, f: Finished) -> None:
+        nonlocal not_clean
         res = classify(name_of[spec], items[name], f, readings[name], shapes[name])
         doc["results"].append(res.to_json())
+        not_clean += res.clean is False
         if json_path is not None:
             write_document(doc, json_path)
-        if progress is not None:
-            progress(f"robustness {len(doc['results'])}/{total}: {res.backend} on {res.input}: {res.outcome}")
+        progress.update(len(doc["results"]), not_clean=not_clean, last=f"{res.backend} on {res.input}")
 
     for spec, runs in control_runs.items():
         for item, f in zip(controls, runs, strict=True):
@@ -387,9 +398,36 @@ def run_matrix(
     doc["results"].sort(key=lambda r: (order[r["input"]], backend_order[r["backend"]]))
     doc["complete"] = True
     doc["wall_s"] = round(time.monotonic() - started, 1)
+    doc["summary"] = summarise(doc)
     if json_path is not None:
         write_document(doc, json_path)
+    progress.finish()
     return doc
+
+
+SUMMARY_COLUMNS = ("clean", "raised", "silent", "crashed", "hung", "mutated", "unsupported")
+
+
+def summarise(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per backend: cases, clean, raised, silent (returned, not clean), crashed, hung, mutated,
+    unsupported, and the inputs it was not clean on (the ``summary`` of a complete document)."""
+    out: dict[str, dict[str, Any]] = {}
+    for b in doc["backends"]:
+        if b["available"]:
+            out[b["name"]] = {"cases": 0, **dict.fromkeys(SUMMARY_COLUMNS, 0), "not_clean": []}
+    for r in doc["results"]:
+        s = out[r["backend"]]
+        s["cases"] += 1
+        s["clean"] += r["clean"] is True
+        s["raised"] += r["outcome"] == "raised"
+        s["silent"] += r["outcome"] == "returned" and r["clean"] is False
+        s["crashed"] += r["outcome"] == "crashed"
+        s["hung"] += r["outcome"] == "hung"
+        s["mutated"] += bool(r["mutated"])
+        s["unsupported"] += r["outcome"] == "unsupported"
+        if r["clean"] is False:
+            s["not_clean"].append(r["input"])
+    return out
 
 
 def unclean_own(doc: Mapping[str, Any], own: Sequence[str] = OWN_BACKENDS) -> list[CaseResult]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.markdown import markdown_table
-from harness.robustness.matrix import CaseResult, load_document
+from harness.robustness.matrix import SUMMARY_COLUMNS, CaseResult, load_document, summarise
 
 LEGEND = (
     "Cells: `raises` = a Python exception (type and message below); `silent: R` = returned a result "
@@ -131,6 +131,38 @@ def render_markdown(doc: Mapping[str, Any], *, heading: str = "##") -> str:
     ]
     lines.append(markdown_table(["input", "backend", "outcome", "what happened"], detail_rows))
     return "\n".join(lines) + "\n"
+
+
+def render_summary(doc: Mapping[str, Any]) -> str:
+    """What the terminal shows: per backend the count of each outcome, then its cases that were
+    not clean, by input name (the full matrix is `render_markdown`'s)."""
+    counts = doc.get("summary") or summarise(doc)
+    columns = [c for c in SUMMARY_COLUMNS if c != "unsupported" or any(s[c] for s in counts.values())]
+    rows = [
+        [name, f"{s['clean']}/{s['cases'] - s['unsupported']}"] + [s[c] for c in columns[1:]]
+        for name, s in counts.items()
+    ]
+    wall = f" in {doc['wall_s']:g} s" if doc.get("wall_s") is not None else ""
+    controls = sum(i["clean"] == "result" for i in doc["inputs"])
+    lines = [
+        f"Robustness: {len(doc['results'])} cases ({len(counts)} backends x {len(doc['inputs'])} "
+        f"inputs, {controls} of them valid controls){wall}{'' if doc.get('complete') else ', INCOMPLETE'}.",
+        "",
+        markdown_table(["backend", *columns], rows),
+    ]
+    by_case = {(r["backend"], r["input"]): CaseResult.from_json(r) for r in doc["results"]}
+    unclean = [(name, s["not_clean"]) for name, s in counts.items() if s["not_clean"]]
+    if unclean:
+        lines += ["", "Not clean:"]
+        for name, inputs in unclean:
+            cells = [
+                f"{i} ({cell(by_case[(name, i)]).removeprefix('✗ ').removesuffix(' †')})" for i in inputs
+            ]
+            lines.append(f"- {name}: " + ", ".join(cells))
+    skipped = [b for b in doc["backends"] if not b["available"]]
+    if skipped:
+        lines += [""] + [f"Not run: {b['spec']}: {b['reason']}" for b in skipped]
+    return "\n".join(lines)
 
 
 def robustness_section(path: str | Path) -> str:

@@ -39,14 +39,15 @@ from typing import Any
 import torch
 
 from harness.backend import BUILTIN_BACKENDS, BackendSpecError, BackendUnavailable, load_backend
+from harness.quantized import QuantizedTable
 from harness.robustness.inputs import RawProblem, build_base, build_input, load_catalogue
 
 _STAGE_MARK = "jagbench-robustness-stage:"
 _CASE_MARK = "jagbench-robustness-case:"
-# The libraries that built-in backends import lazily, preloaded into the forkserver when a
-# built-in backend other than the light ones is asked for (each costs seconds per fresh import).
-_LAZY_LIBRARIES = ("numba", "triton", "torchrec", "fbgemm_gpu.split_table_batched_embeddings_ops_training")
-_LIGHT_BUILTINS = ("reference", "torch", "torch-cuda")
+# The libraries that built-in backends import lazily, by the start of the backend's name,
+# preloaded into the forkserver when such a backend is asked for (each costs seconds per fresh import).
+_TORCHREC = ("torchrec", "fbgemm_gpu.split_table_batched_embeddings_ops_training")
+_LAZY_LIBRARIES = {"numba": ("numba",), "triton": ("triton",), "torchrec": _TORCHREC, "fbgemm": _TORCHREC}
 # After its last report a child may take this long to exit by itself (its exit handlers unlink
 # what it registered, e.g. numba's multiprocessing lock); then its process group is killed.
 EXIT_GRACE_S = 2.0
@@ -95,7 +96,12 @@ def _exception(e: BaseException) -> tuple[str, str]:
 
 
 def _input_tensors(p: RawProblem) -> list[tuple[str, torch.Tensor]]:
-    out = [(f"table {name!r} weights", w) for name, w in p.weights.items()]
+    out = []
+    for name, w in p.weights.items():
+        if isinstance(w, QuantizedTable):
+            out += [(f"table {name!r} {part}", getattr(w, part)) for part in ("codes", "scale", "bias")]
+        else:
+            out.append((f"table {name!r} weights", w))
     out += [("batch values", p.batch.values), ("batch lengths", p.batch.lengths)]
     if p.batch.weights is not None:
         out.append(("batch per-sample weights", p.batch.weights))
@@ -267,8 +273,10 @@ def preload_modules(specs: Sequence[str]) -> list[str]:
         module = target.partition(":")[0]
         if ":" in target and not module.endswith(".py") and "/" not in module:
             modules.append(module)
-        if spec in targets and spec not in _LIGHT_BUILTINS:
-            modules += _LAZY_LIBRARIES
+        if spec in targets:
+            modules += [
+                m for prefix, libs in _LAZY_LIBRARIES.items() if spec.startswith(prefix) for m in libs
+            ]
     return list(dict.fromkeys(modules))
 
 

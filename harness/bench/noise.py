@@ -1,0 +1,135 @@
+"""The noise monitor: a fixed reference kernel timed before every round, and what its times say.
+
+The kernel (`ReferenceKernel`) sums a fixed 8 MiB float32 buffer with torch on all its threads:
+about as long as one call of a small workload, memory-bound like the lookups, and split statically
+between threads like numba's kernel, so it slows down when a co-tenant takes a core or the memory
+bus. Its work never changes, so its time tracks the machine, not the code.
+
+Per timing window (one workload in one repeat), `window_noise` compares the probe's times with the
+run's reference level: the median probe of the run's quietest window (the smallest window median),
+that is, the machine at its steadiest during this run:
+
+- ``level``: the window's median probe over the reference (>= 1): above 1 the machine was slower
+  while this workload was timed than at its best (absolute times and GB/s are then low; paired
+  ratios much less so, though a backend that suffers more from a busy core loses ground);
+- ``drift``: the slowest over the fastest median of consecutive blocks of rounds within the window:
+  the machine changed speed while the workload was timed;
+- ``noisy_rounds``: rounds whose probe exceeded the reference by more than the threshold.
+
+A window whose level or drift exceeds 1 + threshold gets a warning that names its cases. (A run of
+one workload has level 1 by construction: only its drift can warn.)
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from pytest_benchmark.timers import default_timer
+
+from harness.bench.timing import Timer
+
+PROBE_BYTES = 8 << 20
+PROBE_DESCRIPTION = "torch sum of a fixed 8 MiB float32 buffer on torch's threads, timed before every round"
+DEFAULT_THRESHOLD = 0.10
+BLOCKS = 5
+MIN_BLOCK = 5
+
+
+class ReferenceKernel:
+    """Calling it runs the fixed kernel once and returns its seconds."""
+
+    def __init__(self, size_bytes: int = PROBE_BYTES, timer: Timer = default_timer) -> None:
+        self.buffer = torch.ones(max(1, size_bytes // 4), dtype=torch.float32)
+        self.timer = timer
+        self.buffer.sum()  # touch the pages before the first timed run
+
+    def __call__(self) -> float:
+        start = self.timer()
+        self.buffer.sum()
+        return self.timer() - start
+
+
+@dataclass(frozen=True)
+class WindowNoise:
+    """What the probe said about one timing window (see the module docstring)."""
+
+    workload: str
+    repeat: int
+    level: float
+    drift: float
+    noisy_rounds: int
+    rounds: int
+    cases: tuple[str, ...]
+
+
+def block_medians(probe: Sequence[float]) -> list[float]:
+    """Medians of up to `BLOCKS` consecutive blocks of at least `MIN_BLOCK` rounds (one block if fewer)."""
+    n = len(probe)
+    blocks = max(1, min(BLOCKS, n // MIN_BLOCK))
+    edges = [round(i * n / blocks) for i in range(blocks + 1)]
+    return [statistics.median(probe[a:b]) for a, b in zip(edges, edges[1:], strict=False) if b > a]
+
+
+def window_noise(
+    window: dict[str, Any], reference: float, threshold: float = DEFAULT_THRESHOLD
+) -> WindowNoise | None:
+    """The noise figures of one window record (`harness.bench.runner`) against the run's ``reference``
+    level, or ``None`` without a probe."""
+    probe = window.get("probe") or []
+    if not probe or reference <= 0:
+        return None
+    blocks = block_medians(probe)
+    return WindowNoise(
+        workload=window["workload"],
+        repeat=int(window.get("repeat", 0)),
+        level=statistics.median(probe) / reference,
+        drift=max(blocks) / min(blocks) if min(blocks) > 0 else float("inf"),
+        noisy_rounds=sum(p > reference * (1 + threshold) for p in probe),
+        rounds=len(probe),
+        cases=tuple(c["backend"] for c in window.get("cases", [])),
+    )
+
+
+def noise_summary(windows: Sequence[dict[str, Any]], threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
+    """The JSON's ``jagbench.noise``: the reference level (the quietest window's median probe),
+    every window's figures and the warnings."""
+    medians = [statistics.median(w["probe"]) for w in windows if w.get("probe")]
+    if not medians:
+        return {
+            "kernel": PROBE_DESCRIPTION,
+            "threshold": threshold,
+            "reference_s": None,
+            "windows": [],
+            "warnings": [],
+        }
+    reference = min(medians)
+    figures = [n for w in windows if (n := window_noise(w, reference, threshold)) is not None]
+    return {
+        "kernel": PROBE_DESCRIPTION,
+        "threshold": threshold,
+        "reference_s": reference,
+        "windows": [asdict(n) for n in figures],
+        "warnings": noise_warnings(figures, threshold),
+    }
+
+
+def noise_warnings(figures: Sequence[WindowNoise], threshold: float) -> list[str]:
+    """One line per window where the machine was off its run level or drifted, naming the cases."""
+    out = []
+    for n in figures:
+        why = []
+        if n.level > 1 + threshold:
+            why.append(f"the reference kernel ran at {n.level:.2f}x its level in the quietest workload")
+        if n.drift > 1 + threshold:
+            why.append(f"it drifted by {n.drift:.2f}x (slowest / fastest block of rounds)")
+        if why:
+            cases = ", ".join(f"{b} x {n.workload}" for b in n.cases)
+            out.append(
+                f"{n.workload} (repeat {n.repeat + 1}): {' and '.join(why)}; "
+                f"{n.noisy_rounds} of {n.rounds} rounds beyond +{threshold:.0%}. Cases affected: {cases}"
+            )
+    return out

@@ -1,0 +1,193 @@
+"""Quantized tables in the fuzz strategies: their value profiles, their dims, their share of draws.
+
+A quantized table (dtype ``"int8"``, ``"int4"``, ``"int2"``, `harness.quantized`) follows one of
+the weight profiles of `harness.fuzz.problem_spec.WEIGHT_PROFILES` by name, with a meaning made
+for row-wise quantization, where what matters is each row's range. Most rows are float values
+quantized by FBGEMM's rule (`harness.quantized.quantize_rows`: what a library would store); the
+profiles marked *direct* draw codes, scale and bias themselves, which reaches stored rows that no
+quantizer makes but every lookup must read right (subnormal or huge scales, exact cancellation):
+
+- ``unit``: standard normal values;
+- ``integers``: integers in [-4, 4] (scale 1/nlev-exact sums show any misplaced code);
+- ``positive``: one sign, magnitudes in [1/4, 4);
+- ``wide``: a range per row from 2^-30 to the whole fp16 range, centred anywhere from 2^-24 to
+  2^15 (mostly not fp16-representable minima), one row in eight constant;
+- ``huge``: ranges up to fp16's limit (a row spanning [-65504, 65504], rows crowded near +-65504),
+  and one row in four *direct* with a scale up to 65504 (values up to 65504 * 255);
+- ``tiny``: narrow ranges around a value fp16 cannot hold (``v (1 + 2^-k noise)``, k 10..30), so
+  the fp16 scale is tiny, subnormal, negative (fp16 rounded the minimum up) or 1 (underflow), and
+  one row in eight constant;
+- ``subnormal``: *direct*, fp16-subnormal scales and biases of either sign, codes uniform;
+- ``cancel``: *direct*, a bias ``-B`` with a scale ``B / nlev`` and codes at the top, so values lie
+  a few scales from 0 while ``s q`` and ``b`` are ``B`` large (``B`` up to 2^15), either sign.
+
+`quantized_profile_weights` builds one table from a profile and raw random words (the caller's
+deterministic stream), vectorised. `packable` fits a drawn dim to a storage; `draw_table_dtype`
+draws a table kind's dtype with quantized storages a steady minority (`DTYPE_WEIGHTS`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from hypothesis import strategies as st
+
+from harness.model import TableConfig, TableDtype, is_quantized
+from harness.quantized import QuantizedTable, bits_of, levels_of, quantize_rows
+
+ROW_WORDS = 4
+"""Random words per row beyond one per element: what `quantized_profile_weights` needs."""
+
+DTYPE_WEIGHTS: dict[TableDtype, int] = {
+    torch.float32: 8,
+    torch.float16: 8,
+    torch.bfloat16: 8,
+    "int8": 1,
+    "int4": 1,
+    "int2": 1,
+}
+"""Relative weights of a table kind's dtype among those allowed: a kind is quantized one time in
+nine when all are allowed (about a fifth of problems then hold a quantized table)."""
+
+FP16_MAX = 65504.0
+
+
+def draw_table_dtype(draw: st.DrawFn, dtypes: Sequence[TableDtype]) -> TableDtype:
+    """One of ``dtypes``: uniformly when none is quantized (as before quantized tables existed),
+    else by `DTYPE_WEIGHTS`, shrinking towards the first allowed."""
+    return draw(_dtype_choice(tuple(dtypes)))
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype_choice(dtypes: tuple[TableDtype, ...]) -> st.SearchStrategy[TableDtype]:
+    if not any(is_quantized(d) for d in dtypes):
+        return st.sampled_from(dtypes)
+    return st.sampled_from([d for d in dtypes for _ in range(DTYPE_WEIGHTS[d])])
+
+
+def packable(dim: int, dtype: TableDtype, cap: int) -> tuple[int, TableDtype]:
+    """``(dim, dtype)`` with the dim rounded up to whole bytes of packed codes (int4: even, int2: a
+    multiple of 4; at most ``cap``, else down), or the storage made int8 when ``cap`` holds no such
+    dim. Float dtypes pass unchanged."""
+    if not is_quantized(dtype):
+        return dim, dtype
+    per_byte = 8 // bits_of(dtype)
+    up = -(-dim // per_byte) * per_byte
+    if up <= cap:
+        return up, dtype
+    down = cap // per_byte * per_byte
+    return (down, dtype) if down else (dim, "int8")
+
+
+def _unit(words: np.ndarray) -> np.ndarray:
+    return (words >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def _sign(words: np.ndarray) -> np.ndarray:
+    return 1.0 - 2.0 * ((words >> np.uint64(10)) & np.uint64(1)).astype(np.float64)
+
+
+def _small(words: np.ndarray, m: int) -> np.ndarray:
+    return ((words & np.uint64(0x3FF)) % np.uint64(m)).astype(np.int64)
+
+
+def _normal(words: np.ndarray) -> np.ndarray:
+    parts = sum((words >> np.uint64(k)) & np.uint64(0xFFFF) for k in (0, 16, 32, 48))
+    return (parts.astype(np.float64) - 2 * 65535) * (3.0**0.5 / 65536)
+
+
+def _pow2(e: np.ndarray) -> np.ndarray:
+    return np.ldexp(1.0, e.astype(np.int32))
+
+
+def _values(profile: str, elem: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """float64 values of the quantized-by-rule profiles, within fp16's finite range."""
+    rows, dim = elem.shape
+    r0, r1, r2 = row[:, 0], row[:, 1], row[:, 2]
+    if profile == "unit":
+        return _normal(elem)
+    if profile == "integers":
+        return _small(elem, 9).astype(np.float64) - 4
+    if profile == "positive":
+        return (1 + _unit(elem)) * _pow2(_small(elem, 4) - 2)
+    if profile == "wide":
+        centre = _sign(r0) * (1 + _unit(r0)) * _pow2(_small(r0, 40) - 24)
+        width = _pow2(np.minimum(_small(r1, 47) - 30, 16))
+        x = centre[:, None] + width[:, None] * (_unit(elem) - 0.5)
+        x[_small(r2, 8) == 0] = centre[_small(r2, 8) == 0, None]
+        return np.clip(x, -FP16_MAX, FP16_MAX)
+    if profile == "huge":
+        kind = _small(r2, 3)
+        span = FP16_MAX * (2 * _unit(elem) - 1)
+        near = _sign(r0)[:, None] * FP16_MAX * (1 - 2.0**-7 * _unit(elem))
+        return np.where((kind == 0)[:, None], span, near)
+    if profile == "tiny":
+        centre = _sign(r0) * (1 + _unit(r0)) * _pow2(_small(r0, 25) - 14)
+        k = 10 + _small(r1, 21)
+        x = centre[:, None] * (1 + _pow2(-k)[:, None] * (_unit(elem) - 0.5))
+        x[_small(r2, 8) == 0] = centre[_small(r2, 8) == 0, None]
+        return x
+    raise ValueError(f"no quantized values for profile {profile!r}")
+
+
+def _fp16(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)).to(torch.float16)
+
+
+def _direct(profile: str, storage: str, elem: np.ndarray, row: np.ndarray, table: QuantizedTable) -> None:
+    """Overwrite the direct rows of ``table`` (in place) for the profiles that have them."""
+    nlev = levels_of(storage)
+    r0, r1, r2, r3 = row[:, 0], row[:, 1], row[:, 2], row[:, 3]
+    codes = torch.from_numpy(_small(elem, nlev + 1).astype(np.uint8))
+    if profile == "subnormal":
+        which = np.ones(len(row), dtype=bool)
+        scale = _sign(r0) * (1 + _small(r0, 1023)) * 2.0**-24
+        bias = _sign(r1) * _small(r1, 1024) * 2.0**-24
+    elif profile == "cancel":
+        which = np.ones(len(row), dtype=bool)
+        big = (1 + _unit(r0)) * _pow2(_small(r0, 15))
+        sign = _sign(r1)
+        scale = sign * big / nlev * (1 + 2.0**-8 * (_unit(r2) - 0.5))
+        bias = -sign * big
+        top = torch.from_numpy((nlev - _small(elem, 3)).clip(0).astype(np.uint8))
+        codes = torch.where(torch.from_numpy(_small(r3, 4) < 3)[:, None], top, codes)
+    elif profile == "huge":
+        which = _small(r3, 4) == 3
+        scale = _sign(r0) * FP16_MAX * _unit(r1)
+        bias = _sign(r2) * FP16_MAX * _unit(r2)
+    else:
+        return
+    mask = torch.from_numpy(which)
+    table.codes[mask] = codes[mask]
+    table.scale[mask] = _fp16(scale)[mask]
+    table.bias[mask] = _fp16(bias)[mask]
+
+
+def quantized_profile_weights(table: TableConfig, profile: str, words: np.ndarray) -> QuantizedTable:
+    """The `QuantizedTable` of a quantized table following ``profile`` (module docstring).
+
+    ``words`` is uint64 ``[rows, embedding_dim + ROW_WORDS]`` from the caller's random stream;
+    a table of more rows repeats those rows (as the float profiles repeat their block).
+    """
+    storage = table.dtype
+    n, dim = table.num_embeddings, table.embedding_dim
+    if words.shape[1] != dim + ROW_WORDS or not 1 <= words.shape[0] <= n:
+        raise ValueError(f"need words of shape [1..{n}, {dim + ROW_WORDS}], got {list(words.shape)}")
+    elem, row = words[:, :dim], words[:, dim:]
+    if profile in ("subnormal", "cancel"):
+        base = quantize_rows(torch.zeros(len(row), dim), storage)
+    else:
+        base = quantize_rows(torch.from_numpy(_values(profile, elem, row)).to(torch.float32), storage)
+    _direct(profile, storage, elem, row, base)
+    if len(row) < n:
+        repeat = -(-n // len(row))
+        base = QuantizedTable(
+            base.codes.repeat(repeat, 1)[:n].contiguous(),
+            base.scale.repeat(repeat)[:n].contiguous(),
+            base.bias.repeat(repeat)[:n].contiguous(),
+            storage,
+        )
+    return base
