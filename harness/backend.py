@@ -20,7 +20,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from harness.model import JaggedBatch, TableConfig
+from harness.model import SUPPORTED_DTYPES, JaggedBatch, TableConfig, TableDtype, dtype_name
 
 Lookup = Callable[[JaggedBatch], torch.Tensor]
 
@@ -44,6 +44,25 @@ def can_train(backend: object) -> bool:
     return callable(getattr(backend, "supports_training", None)) and callable(
         getattr(backend, "prepare_training", None)
     )
+
+
+def table_dtypes(backend: object) -> tuple[TableDtype, ...]:
+    """The table dtypes ``backend`` reads: its optional ``table_dtypes`` attribute, by default the
+    float dtypes (`SUPPORTED_DTYPES`). Quantized storage is opt-in: a backend written before it
+    existed is neither fuzzed nor probed on quantized tables (``table_dtypes = TABLE_DTYPES``
+    opts in)."""
+    return tuple(getattr(backend, "table_dtypes", SUPPORTED_DTYPES))
+
+
+def undeclared_dtypes(backend: object, tables: Sequence[TableConfig]) -> str | None:
+    """Why ``backend`` is not run on ``tables``: some table's dtype is not one it declares
+    (`table_dtypes`); None when every one is."""
+    declared = table_dtypes(backend)
+    missing = sorted({dtype_name(t.dtype) for t in tables if t.dtype not in declared})
+    if not missing:
+        return None
+    names = ", ".join(dtype_name(d) for d in declared)
+    return f"tables of {', '.join(missing)}: not among the table dtypes it declares ({names})"
 
 
 class BackendUnavailable(RuntimeError):

@@ -347,6 +347,11 @@ def case_from_json(d: Mapping[str, Any], path: Path | None = None) -> Case:
     where = str(path) if path else "case"
     if d.get("format") not in READABLE_FORMATS:
         raise CaseError(f"{where}: format is {d.get('format')!r}, expected one of {READABLE_FORMATS}")
+    if d.get("mode", "forward") != "forward":
+        raise CaseError(
+            f"{where}: a training case (mode {d['mode']!r}): read it with "
+            "harness.training.cases.load_training_case (`jagbench replay` reads both)"
+        )
     for key in ("name", "kind", "backend", "expect", "problem"):
         if key not in d:
             raise CaseError(f"{where}: missing field {key!r}")

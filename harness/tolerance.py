@@ -578,21 +578,27 @@ def _as_tolerance(tolerance: Tolerance | torch.Tensor, reference: torch.Tensor) 
     return Tolerance.strict(tolerance, reference)
 
 
+def malformed(result: object, shape: tuple[int, ...]) -> str | None:
+    """What is wrong with a result before any value is read: not a tensor, not of ``shape``, not
+    float32 (`compare`'s first checks); None when nothing is."""
+    if not isinstance(result, torch.Tensor):
+        return f"result is a {type(result).__name__}, not a tensor"
+    if tuple(result.shape) != tuple(shape):
+        return f"result has shape {tuple(result.shape)}, expected {tuple(shape)}"
+    if result.dtype != torch.float32:
+        return f"result is {result.dtype}, expected torch.float32"
+    return None
+
+
 def compare(result: object, reference: torch.Tensor, tolerance: Tolerance | torch.Tensor) -> Comparison:
     """Check type, shape, dtype, then every element against ``reference`` under ``tolerance``.
 
     ``tolerance`` is a `Tolerance` (the oracle's), or a bare bound tensor (`Tolerance.strict`).
     """
 
-    def bad(problem: str) -> Comparison:
+    problem = malformed(result, tuple(reference.shape))
+    if problem is not None:
         return Comparison(False, problem, None, None, None, None, float("inf"), 0)
-
-    if not isinstance(result, torch.Tensor):
-        return bad(f"result is a {type(result).__name__}, not a tensor")
-    if tuple(result.shape) != tuple(reference.shape):
-        return bad(f"result has shape {tuple(result.shape)}, expected {tuple(reference.shape)}")
-    if result.dtype != torch.float32:
-        return bad(f"result is {result.dtype}, expected torch.float32")
     tol = _as_tolerance(tolerance, reference)
     if result.numel() == 0:
         return Comparison(True, None, None, None, None, None, 0.0, 0)

@@ -74,7 +74,7 @@ class FbgemmTBE:
     def supports(self, tables: Sequence[TableConfig], batch: JaggedBatch) -> str | None:
         quantized = [t.name for t in tables if is_quantized(t)]
         if quantized:
-            return f"quantized tables {quantized}: this TBE holds float tables (fbgemm-tbe-int-n runs quantized ones)"
+            return f"quantized tables {quantized}: this TBE holds float tables (fbgemm-tbe-int-n runs them)"
         odd = sorted({t.embedding_dim for t in tables if t.embedding_dim % 4})
         if odd:
             return f"embedding_dim {odd}: FBGEMM's TBE asserts embedding_dim % 4 == 0"

@@ -54,9 +54,7 @@ def unsupported_quantized(tables: Sequence[TableConfig], library: str) -> str | 
     floats = sorted({t.name for t in tables if t.dtype not in QUANTIZED_STORAGE})
     if floats:
         return f"float tables {floats}: {library} is for quantized (int8/int4/int2) tables"
-    odd = sorted(
-        {(t.dtype, t.embedding_dim) for t in tables if t.embedding_dim % DIM_MULTIPLE[t.dtype]}
-    )
+    odd = sorted({(t.dtype, t.embedding_dim) for t in tables if t.embedding_dim % DIM_MULTIPLE[t.dtype]})
     if odd:
         which = ", ".join(f"{s} dim {d}" for s, d in odd)
         return (
@@ -94,6 +92,8 @@ class FbgemmIntNBitTBE:
             )
         # Ours (the harness's QuantizedTable) plus the module's packed rows.
         self.weight_copies = 1
+        # What `jagbench fuzz` draws for it (harness.fuzz.driver.default_strategy).
+        self.table_dtypes = QUANTIZED_STORAGE
 
     def supports(self, tables: Sequence[TableConfig], batch: JaggedBatch) -> str | None:
         return unsupported_quantized(tables, self.name)
@@ -115,7 +115,13 @@ class FbgemmIntNBitTBE:
         index = {t.name: i for i, t in enumerate(tables)}
         tbe = IntNBitTableBatchedEmbeddingBagsCodegen(
             [
-                (t.name, t.num_embeddings, t.embedding_dim, sparse_types[bits_of(t.dtype)], EmbeddingLocation.HOST)
+                (
+                    t.name,
+                    t.num_embeddings,
+                    t.embedding_dim,
+                    sparse_types[bits_of(t.dtype)],
+                    EmbeddingLocation.HOST,
+                )
                 for t in tables
             ],
             feature_table_map=[index[table] for table, _, _, _ in output_columns(tables)],
@@ -175,5 +181,6 @@ def fbgemm_tbe_int_n_ignore() -> FbgemmIntNBitTBE:
 
 
 def fbgemm_tbe_int_n_none() -> FbgemmIntNBitTBE:
-    """``BoundsCheckMode.NONE``: no bounds-check pass; the CPU kernel's own check reaches the table's padding."""
+    """``BoundsCheckMode.NONE``: no bounds-check pass; the CPU kernel's own check stops at the table's
+    padding, not at its rows."""
     return FbgemmIntNBitTBE(bounds_check_mode="NONE")

@@ -9,23 +9,37 @@ block's width is a compile-time constant, so the accumulator is an LLVM vector v
 (``<W x float>``, held in registers), the row is one ``<W x T>`` load, widened to float32 in
 registers (float16 by ``fpext``, bfloat16 by shifting its bits into a float32's top half), and
 the bag is written once. This is what FBGEMM's JIT does for each embedding dim; here a table of
-any dim is covered by blocks of widths 128, 64, ..., 1 (`block_widths`).
+any dim is covered by blocks of widths 256, 128, ..., 1 (`block_widths`).
+
+Row-wise quantized rows (kinds ``KIND_I8``, ``KIND_I4``, ``KIND_I2``) are read packed, in
+FBGEMM's layout (`QUANTIZED_ROW_LAYOUT`): the block's codes are one ``<bytes x i8>`` load,
+widened to i32; for 4 and 2 bits a shuffle gives each lane its byte, a shift by its place
+(LSB first) and a mask its code; the codes become float32 exactly, and ``x = s * q + b`` is formed
+in registers from the row's fp16 scale and bias (``qparams`` bytes before the block). Their loops
+exist for the widths of at least a byte of codes (`quantized_widths`): validation takes int4 dims
+even and int2 dims multiples of 4, so every block starts on a byte.
 
 Arithmetic is exactly that of the reference's float32 contract: per column, the sum in id order
 of ``w * x`` (no FMA contraction: LLVM may not fuse without fast-math flags, none are set), then a
-division by the length for MEAN. So the result does not depend on the blocking or on threads.
+division by the length for MEAN. So the result does not depend on the blocking or on threads. For
+a quantized row ``x`` is ``fl(s q + b)``: ``s q`` is exact in float32 (an 11-bit significand
+times a code below 256), the sum rounds once (``harness.tolerance``, "Quantized tables", bounds
+it), and then ``w * x`` and the sum follow in the same order.
 
 Each generated function pools ``n_samples`` consecutive bags of one feature for one column block
 and returns the position (in ``values``) of the first id outside the table, or -1; bad ids are
 skipped, never read. Arguments, all i64 (addresses as integers): ids, lengths (already at the
 first bag), n_samples, start (position of the first bag's first id), last (last valid position
 in ``values``, for the prefetch), table (address of row 0's first column of the block), rows,
-row_bytes, weights (the float32 per-sample weights), weight_step (4; or 0 with ``weights`` the
-address of a 1.0 when the batch has none: ``x * 1.0 == x`` exactly, so one loop serves both and
-the compile is half as long), ahead (ids between the prefetched row and the summed one), is_mean
-(0/1), out (address of the first bag's output block), out_stride (bytes between bags). Every
-cache line of the prefetched row's block is prefetched (measured on the wide workload: 1 line
-12.4 ms, 4 lines 8.4, all 16 lines 7.8).
+row_bytes, qparams (for a quantized kind: bytes from the block's first code back to the row's fp16
+scale, a negative number; unused otherwise), weights (the float32 per-sample weights),
+weight_step (4; or 0 with ``weights`` the address of a 1.0 when the batch has none:
+``x * 1.0 == x`` exactly, so one loop serves both and the compile is half as long), ahead (ids
+between the prefetched row and the summed one), is_mean (0/1), out (address of the first bag's
+output block), out_stride (bytes between bags). Every cache line of the prefetched row's block is
+prefetched (measured on the wide workload: 1 line 12.4 ms, 4 lines 8.4, all 16 lines 7.8); for a
+quantized row also its scale and bias and its block's last byte (such rows are rarely aligned to
+a line: 68 bytes at int8 dim 64).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The ``numba`` backend: our fused parallel kernel (`impls.numba_kernels.pool`), one call per batch.
 
 ``prepare`` checks the tables and weights, records each table's address, shape and dtype (the
-kernel reads the tables in place: no copy, no stacking, no grouping by dim or dtype) and compiles
+kernel reads the tables in place: no copy, no stacking, no grouping by dim or dtype; a quantized
+table is packed once into FBGEMM's row layout, `quantized_rows`, which the kernel reads) and compiles
 the kernel's one specialisation, which serves int32 and int64 ids alike (or loads it from numba's
 disk cache: ``impls/__pycache__``, or numba's user cache dir / ``NUMBA_CACHE_DIR`` when that
 directory is not writable). The lookup checks the batch's structure in Python (keys,
@@ -20,10 +21,13 @@ import numpy as np
 import torch
 
 from harness.backend import Lookup
-from harness.model import JaggedBatch, Pooling, TableConfig, output_columns, total_dim
+from harness.model import TABLE_DTYPES, JaggedBatch, Pooling, TableConfig, output_columns, total_dim
 from harness.quantized import QUANTIZED_STORAGE, QuantizedTable, pack_codes, scale_bias_bytes
+from harness.training.contract import OptimizerConfig, TrainResult, TrainStep
+from harness.training.validate import check_float_tables, validate_optimizer
 from harness.validate import check_lookup_batch, validate_tables, validate_weights
 from impls import numba_kernels as k
+from impls import numba_training as kt
 
 # Samples per parallel work item; 0: the batch split into CHUNKS_PER_THREAD items per thread, of at
 # least MIN_CHUNK samples. Long chunks pay twice: each feature's ids are read in long runs, and
@@ -202,10 +206,148 @@ class NumbaLookup:
         )
 
 
+# Training (`NumbaTrainer`): ids ahead in a table's sorted keys whose row (and state) is prefetched.
+TRAIN_PREFETCH_DISTANCE = 16
+# Whether the training step computes the forward output in its update pass (each distinct row
+# read once) rather than with the lookup kernel first (`impls.numba_training`).
+FUSE_FORWARD = True
+# Positions and rows are packed into 32 bits each in the sort keys.
+_MAX_IDS = 1 << 31
+_HIST_SIZE = 3 << kt.MAX_DIGIT_BITS
+
+
+class NumbaTrainer:
+    """The prepared training step (`impls.numba_training.train_step`): call it with a batch and
+    grad_output; it trains its own copy of the weights and returns a `TrainResult`.
+
+    The copies keep the tables' dtypes; the optimizer state is float32 (per element for adagrad,
+    per row for rowwise_adagrad), zero at first. Scratch buffers (sort keys, stage) are kept and
+    grown between steps. Bad batches raise the lookup's errors (`NumbaLookup`), before any weight
+    or state changes.
+    """
+
+    def __init__(
+        self, tables: Sequence[TableConfig], weights: Mapping[str, torch.Tensor], optimizer: OptimizerConfig
+    ) -> None:
+        self.tables = tuple(tables)
+        self.optimizer = optimizer
+        self.weights = {t.name: weights[t.name].detach().to("cpu", copy=True).contiguous() for t in tables}
+        self.lookup = NumbaLookup(self.tables, self.weights)
+        per_row = {"sgd": 0, "adagrad": None, "rowwise_adagrad": 1}[optimizer.kind]
+        sizes = [t.num_embeddings * (t.embedding_dim if per_row is None else per_row) for t in self.tables]
+        self.state = np.zeros(max(1, sum(sizes)), np.float32)
+        self.state_offset = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self.optimizer_code = kt.OPTIMIZER_CODES[optimizer.kind]
+        self.decay_code = kt.DECAY_CODES[optimizer.weight_decay_mode] if optimizer.decays else kt.DECAY_NONE
+        self.hyper = [np.float32(x) for x in (optimizer.learning_rate, optimizer.eps, optimizer.weight_decay)]
+        self._buffers: dict[str, np.ndarray] = {}
+        self._no_weights = np.ones(1, np.float32)
+
+    def compile(self) -> None:
+        """Compile the kernel (or load it from the disk cache) on an empty batch: changes nothing."""
+        keys = tuple(self.lookup.table_index)
+        empty = JaggedBatch(keys, torch.empty(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+        self(empty, torch.zeros(0, self.lookup.width))
+
+    def _buffer(self, name: str, size: int, dtype) -> np.ndarray:
+        """A kept scratch array of at least ``size`` elements (grown, never shrunk)."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.size < size:
+            buf = np.empty(max(size, 1), dtype)
+            self._buffers[name] = buf
+        return buf
+
+    def _scratch(self, name: str, groups: int, size: int, dtype) -> np.ndarray:
+        """A kept ``[groups, size]`` per-thread scratch array."""
+        return self._buffer(name, groups * size, dtype)[: groups * size].reshape(groups, size)
+
+    def _check_grad_output(self, batch: JaggedBatch, grad_output: torch.Tensor, b: int) -> np.ndarray:
+        if not isinstance(grad_output, torch.Tensor):
+            raise TypeError(f"grad_output is a {type(grad_output).__name__}, not a tensor")
+        shape = (b, self.lookup.width)
+        if tuple(grad_output.shape) != shape or grad_output.dtype != torch.float32:
+            raise ValueError(
+                f"grad_output must be float32 of shape {shape} ([batch_size, total_dim]), got "
+                f"{grad_output.dtype} of shape {tuple(grad_output.shape)}"
+            )
+        if grad_output.device.type != "cpu":
+            raise ValueError(f"grad_output is on {grad_output.device}; the numba backend runs on the CPU")
+        return grad_output.detach().contiguous().numpy()
+
+    def __call__(self, batch: JaggedBatch, grad_output: torch.Tensor) -> TrainResult:
+        lookup = self.lookup
+        lookup._check(batch)
+        layout = lookup._layout(batch.keys)
+        b = len(batch.lengths) // len(batch.keys)
+        go = self._check_grad_output(batch, grad_output, b)
+        values = batch.values.contiguous().to(torch.int64)
+        n = len(values)
+        if n >= _MAX_IDS:
+            raise ValueError(f"the numba training kernel takes fewer than 2^31 ids per batch, got {n}")
+        lengths = batch.lengths.contiguous().to(torch.int64).numpy()
+        has_weights = batch.weights is not None
+        per_sample = batch.weights.contiguous().numpy() if has_weights else self._no_weights
+        need_scale = has_weights or lookup.has_mean
+        counts = np.bincount(layout.feature_table, minlength=len(self.tables))
+        stage = int((counts * lookup.table_dim).max()) * b
+        threads = numba.get_num_threads()
+        serial = n * lookup.max_dim < SERIAL_WORK
+        groups = 1 if serial else threads
+        fuse = FUSE_FORWARD
+        out = torch.empty(b, lookup.width, dtype=torch.float32) if fuse else None
+        psw_grad = torch.empty(n if has_weights else 0, dtype=torch.float32)
+        err = np.zeros(4, np.int64)
+        if serial:
+            numba.set_num_threads(1)
+        try:
+            if not fuse:
+                out = lookup(batch)
+            kt.train_step(
+                values.numpy(),
+                lengths,
+                per_sample,
+                has_weights,
+                layout.feature_table,
+                layout.feature_col,
+                lookup.table_address,
+                lookup.table_rows,
+                lookup.table_dim,
+                lookup.table_row_bytes,
+                lookup.table_kind,
+                lookup.table_mean,
+                self.state,
+                self.state_offset,
+                self.optimizer_code,
+                self.decay_code,
+                *self.hyper,
+                go,
+                out.numpy(),
+                psw_grad.numpy(),
+                self._buffer("keys", n, np.int64),
+                self._buffer("spare", n, np.int64),
+                self._buffer("slot", n, np.int32),
+                self._buffer("scale", n if need_scale else 1, np.float32),
+                self._scratch("stage", groups, 2 * max(stage, 1), np.float32),
+                self._scratch("hist", groups, _HIST_SIZE, np.int64),
+                groups,
+                TRAIN_PREFETCH_DISTANCE,
+                fuse,
+                err,
+            )
+        finally:
+            if serial:
+                numba.set_num_threads(threads)
+        if err[0] != k.OK:
+            lookup._raise(batch, err, b)
+        return TrainResult(out, dict(self.weights), psw_grad if has_weights else None)
+
+
 class NumbaFused:
-    """Every table and feature of a batch in one parallel numba kernel call, on the CPU."""
+    """Every table and feature of a batch in one parallel numba kernel call, on the CPU; trains
+    with our fused forward, backward and optimizer kernel (`NumbaTrainer`)."""
 
     name = "numba"
+    table_dtypes = TABLE_DTYPES
 
     def supports(self, tables: Sequence[TableConfig], batch: JaggedBatch) -> str | None:
         return None
@@ -216,3 +358,23 @@ class NumbaFused:
         lookup = NumbaLookup(tables, weights)
         lookup.compile()
         return lookup
+
+    def supports_training(
+        self, tables: Sequence[TableConfig], batch: JaggedBatch, optimizer: OptimizerConfig
+    ) -> str | None:
+        if any(t.dtype in QUANTIZED_STORAGE for t in tables):
+            return "quantized tables: a lookup-only format (training updates float tables)"
+        if any(t.num_embeddings >= _MAX_IDS for t in tables):
+            return "tables of 2^31 rows or more (the sort keys pack a row into 32 bits)"
+        return None
+
+    def prepare_training(
+        self, tables: Sequence[TableConfig], weights: Mapping[str, torch.Tensor], optimizer: OptimizerConfig
+    ) -> TrainStep:
+        validate_optimizer(optimizer)
+        validate_tables(tables)
+        check_float_tables(tables)
+        validate_weights(tables, weights)
+        trainer = NumbaTrainer(tables, weights, optimizer)
+        trainer.compile()
+        return trainer

@@ -1,9 +1,10 @@
 """The fused numba kernel behind the ``numba`` backend: every table and feature in one call.
 
 Layout (built once by `impls.numba_fused`): each table stays where the caller's tensor holds it;
-the kernel gets its address, rows, dim and storage kind (float32, float16 or bfloat16, widened
-to float32 in registers). So tables of mixed dims and dtypes need neither padding,
-nor a stacking copy, nor grouping, and one call computes the whole batch.
+the kernel gets its address, rows, dim, row size and storage kind (float32, float16 or bfloat16,
+widened to float32 in registers; or int8 / int4 / int2 quantized rows, packed once by the adapter
+into FBGEMM's row layout and dequantized in registers). So tables of mixed dims and dtypes need
+neither padding, nor a stacking copy, nor grouping, and one call computes the whole batch.
 
 The work: `pool` takes the KeyedJaggedTensor as it comes (feature-major ``values`` and
 ``lengths``) and splits the samples into chunks, one ``prange`` iteration each. A serial first

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from harness.backend import Lookup
-from harness.model import JaggedBatch, TableConfig
+from harness.model import TABLE_DTYPES, JaggedBatch, TableConfig
 from harness.reference.forward import pool
 from harness.reference.training import initial_state, train_step
 from harness.training.contract import OptimizerConfig, TrainResult, TrainStep
@@ -23,6 +23,7 @@ class ReferenceBackend:
     """
 
     name = "reference"
+    table_dtypes = TABLE_DTYPES
 
     def supports(self, tables: Sequence[TableConfig], batch: JaggedBatch) -> str | None:
         return None

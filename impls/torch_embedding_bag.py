@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.backend import BackendUnavailable, Lookup
-from harness.model import JaggedBatch, TableConfig, dtype_name, output_columns
+from harness.model import TABLE_DTYPES, JaggedBatch, TableConfig, dtype_name, output_columns
 from harness.quantized import QUANTIZED_STORAGE
 from harness.training.contract import OptimizerConfig, TrainResult, TrainStep
 from impls.torch_quantized import quantized_pool, unsupported_dims
@@ -51,13 +51,14 @@ class TorchEmbeddingBag:
     def __init__(self, device: str = "cpu", name: str = "torch") -> None:
         self.device = torch.device(device)
         self.name = name
+        self.table_dtypes = TABLE_DTYPES
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailable(f"{name}: torch {torch.__version__} sees no CUDA device")
 
     def supports(self, tables: Sequence[TableConfig], batch: JaggedBatch) -> str | None:
         quantized = {(t.dtype, t.embedding_dim) for t in tables if t.dtype in QUANTIZED_STORAGE}
         if quantized and self.device.type != "cpu":
-            return f"quantized tables: torch.ops.quantized's embedding-bag ops are used on the CPU only ({self.name})"
+            return f"quantized tables: {self.name} runs torch.ops.quantized's embedding-bag ops on CPU only"
         return unsupported_dims(quantized)
 
     def prepare(self, tables: Sequence[TableConfig], weights: Mapping[str, torch.Tensor]) -> Lookup:

@@ -57,7 +57,9 @@ def unsupported_dims(dtypes_and_dims: set[tuple[str, int]]) -> str | None:
     if not odd:
         return None
     which = ", ".join(f"{s} dim {d}" for s, d in odd)
-    return f"{which}: torch's 4-bit / 2-bit ops infer the dim from whole bytes (int4 even, int2 a multiple of 4)"
+    return (
+        f"{which}: torch's 4-bit / 2-bit ops infer the dim from whole bytes (int4 even, int2 a multiple of 4)"
+    )
 
 
 def quantized_pool(

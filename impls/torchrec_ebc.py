@@ -80,7 +80,7 @@ def load_weights(module: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -
 def _quantized_declined(tables: Sequence[TableConfig]) -> str | None:
     quantized = [t.name for t in tables if is_quantized(t)]
     if quantized:
-        return f"quantized tables {quantized}: this module holds float tables (torchrec-quant runs quantized ones)"
+        return f"quantized tables {quantized}: this module holds float tables (torchrec-quant runs them)"
     return None
 
 

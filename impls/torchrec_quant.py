@@ -29,7 +29,7 @@ import torch
 
 from harness.backend import BackendUnavailable, Lookup
 from harness.model import JaggedBatch, Pooling, TableConfig, output_columns
-from harness.quantized import QuantizedTable, pack_codes, scale_bias_bytes
+from harness.quantized import QUANTIZED_STORAGE, QuantizedTable, pack_codes, scale_bias_bytes
 from impls.fbgemm_tbe_int_n import unsupported_quantized
 
 
@@ -78,7 +78,7 @@ def set_bounds_check(module: torch.nn.Module, mode: str) -> int:
 
 
 class TorchrecQuantEBC:
-    """torchrec ``QuantEmbeddingBagCollection`` fed a KJT; FBGEMM's IntN TBE underneath, FATAL bounds check."""
+    """torchrec ``QuantEmbeddingBagCollection`` fed a KJT (FBGEMM's IntN TBE underneath, set to FATAL)."""
 
     name = "torchrec-quant"
     bounds_check_mode = "FATAL"
@@ -87,6 +87,8 @@ class TorchrecQuantEBC:
         _import_torchrec_quant(self.name)
         # Ours plus the unweighted and the weighted module's packed rows.
         self.weight_copies = 2
+        # What `jagbench fuzz` draws for it (harness.fuzz.driver.default_strategy).
+        self.table_dtypes = QUANTIZED_STORAGE
 
     def supports(self, tables: Sequence[TableConfig], batch: JaggedBatch) -> str | None:
         return unsupported_quantized(tables, self.name)

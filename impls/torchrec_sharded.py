@@ -419,10 +419,15 @@ class TorchrecSharded:
             parts = pool.call("training one step", msgs)
             output = torch.from_numpy(np.concatenate([p["output"] for p in parts], axis=0))
             new = {t.name: torch.empty_like(start[t.name]) for t in tables}
+            covered = dict.fromkeys(new, 0)
             for p in parts:
                 for name, r0, c0, values in p["shards"]:
                     rows, cols = values.shape
                     new[name][r0 : r0 + rows, c0 : c0 + cols] = torch.from_numpy(values)
+                    covered[name] += rows * cols
+            short = [name for name, n in covered.items() if n != new[name].numel()]
+            if short:
+                raise RuntimeError(f"{self.name}: the ranks' shards do not cover tables {short} exactly once")
             return TrainResult(output.reshape(batch.batch_size, total_dim(tables)), new, None)
 
         weakref.finalize(step, pool.release_later, key)

@@ -60,7 +60,7 @@ def unsupported(
     """Why this plan cannot run the problem here, or ``None``."""
     quantized = [t.name for t in tables if is_quantized(t)]
     if quantized:
-        return f"quantized tables {quantized}: the sharded EBC here holds float tables (the quantized backends run them)"
+        return f"quantized tables {quantized}: the sharded EBC here holds float tables only"
     if batch.batch_size < world_size:
         return (
             f"batch of {batch.batch_size} samples over {world_size} ranks: a rank would get no "

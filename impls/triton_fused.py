@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from harness.backend import BackendUnavailable, Lookup
-from harness.model import JaggedBatch, Pooling, TableConfig, output_columns, total_dim
+from harness.model import TABLE_DTYPES, JaggedBatch, Pooling, TableConfig, output_columns, total_dim
 from harness.quantized import QUANTIZED_STORAGE, QuantizedTable, pack_codes
 from harness.training.contract import OptimizerConfig, TrainStep
 from harness.validate import check_batch_lengths, check_lookup_batch, validate_tables, validate_weights
@@ -71,7 +71,11 @@ def _quantized_buffers(
     (interleaved, tables back to back; each table's first row returned). 1-element placeholders
     when there are none."""
     if not tables:
-        return torch.zeros(1, dtype=torch.uint8, device=device), torch.zeros(1, dtype=torch.float16, device=device), {}
+        return (
+            torch.zeros(1, dtype=torch.uint8, device=device),
+            torch.zeros(1, dtype=torch.float16, device=device),
+            {},
+        )
     packed = {t.name: pack_codes(weights[t.name].codes, t.dtype) for t in tables}
     size, first_row, rows = 0, {}, 0
     for t in tables:
@@ -185,7 +189,9 @@ class TritonLookup:
         self.kind_of = kind_of
         max_dim = max(t.embedding_dim for t in self.tables)
         self.block_d = min(max(_next_pow2(max_dim), MIN_BLOCK_D), MAX_BLOCK_D)
-        itemsize = max(QUANTIZED_TILE_ITEMSIZE if t.dtype in QUANTIZED_STORAGE else t.dtype.itemsize for t in self.tables)
+        itemsize = max(
+            QUANTIZED_TILE_ITEMSIZE if t.dtype in QUANTIZED_STORAGE else t.dtype.itemsize for t in self.tables
+        )
         self.block_b = tuning.block_b or max(1, min(MAX_BLOCK_B, TILE_BYTES // (self.block_d * itemsize)))
         self.unroll = tuning.unroll
         self.dim_blocks = -(-max_dim // self.block_d)
@@ -329,6 +335,7 @@ class TritonFused:
         self.interpret = interpret
         self.device = torch.device("cpu" if interpret else "cuda")
         self.name = "triton"
+        self.table_dtypes = TABLE_DTYPES
         self.tuning = Tuning() if tuning is None else tuning
         self.triton_version = triton.__version__
 
@@ -368,7 +375,7 @@ class TritonFused:
 
         reason = training_limit(tables, optimizer)
         if reason is None and self.interpret:
-            reason = self.supports(tables, batch) or interpreter_limit(tables, batch)
+            reason = self.supports(tables, batch) or interpreter_limit(tables, batch, optimizer)
         return reason
 
     def prepare_training(

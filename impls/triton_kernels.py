@@ -154,7 +154,8 @@ def pool_kernel_body(
                 elif kind == KIND_BF16:
                     rows = tl.load(w_c + where, mask=mask, other=0.0)
                     if EXACT_BF16:
-                        rows = (rows.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+                        widened = rows.to(tl.int16, bitcast=True).to(tl.int32) << 16
+                        rows = widened.to(tl.float32, bitcast=True)
                     else:
                         rows = rows.to(tl.float32)
                 else:

@@ -36,9 +36,14 @@ from harness.training.validate import validate_grad_output
 # power of two): wider tables are declined (no embedding table in use is near this).
 MAX_TRAINING_DIM = 4096
 MIN_BLOCK_D = 16
-# Bytes of one program's [rows, columns] float32 tile: rows per program = TILE_BYTES // (BLOCK_D
-# x 4), at most MAX_BLOCK_R: 16 rows at dim 128, 2 at dim 1024.
-TILE_BYTES = 8192
+# Elements of a program's [rows, columns] tile per thread (so rows per program = threads x this
+# / BLOCK_D, at most MAX_BLOCK_R; 4 warps, more for wide rows). adagrad holds a state per element
+# and divides per element: half as many keep it within the registers (sm_90, Triton 3.9: 152
+# registers at [8, 128] with weights and l2, 255 and spills at [16, 128]; the other kinds at
+# [16, 128]: 96 to 182).
+ELEMENTS_PER_THREAD = {"sgd": 16, "adagrad": 8, "rowwise_adagrad": 16}
+MIN_THREADS = 128
+MAX_THREADS = 512
 MAX_BLOCK_R = 64
 UNROLL = 2
 # Under the interpreter: the update kernel's programs (each a Python-run block) and its loop
@@ -63,11 +68,13 @@ class _Group:
     end_key: int
     block_r: int
     block_d: int
+    num_warps: int
 
 
-def _groups(tables: Sequence[TableConfig]) -> tuple[list[int], list[int], list[_Group]]:
+def _groups(tables: Sequence[TableConfig], kind: str) -> tuple[list[int], list[int], list[_Group]]:
     """The tables' order in key space (by storage dtype, then as given), each one's first key, and
-    one `_Group` per dtype present."""
+    one `_Group` per dtype present, with its tile for optimizer ``kind``."""
+    per_thread = ELEMENTS_PER_THREAD[kind]
     order = sorted(range(len(tables)), key=lambda i: (_STORE[tables[i].dtype], i))
     key0, groups, key = [0] * len(tables), [], 0
     for dtype in _STORE:
@@ -79,8 +86,9 @@ def _groups(tables: Sequence[TableConfig]) -> tuple[list[int], list[int], list[_
             key0[i] = key
             key += tables[i].num_embeddings
         block_d = max(MIN_BLOCK_D, _next_pow2(max(tables[i].embedding_dim for i in members)))
-        block_r = max(1, min(MAX_BLOCK_R, TILE_BYTES // (block_d * 4)))
-        groups.append(_Group(dtype, first, key, block_r, block_d))
+        threads = min(MAX_THREADS, max(MIN_THREADS, block_d // per_thread))
+        block_r = max(1, min(MAX_BLOCK_R, threads * per_thread // block_d))
+        groups.append(_Group(dtype, first, key, block_r, block_d, threads // 32))
     return order, key0, groups
 
 
@@ -113,12 +121,14 @@ def training_limit(tables: Sequence[TableConfig], optimizer: OptimizerConfig) ->
     return None
 
 
-def interpreter_limit(tables: Sequence[TableConfig], batch: JaggedBatch) -> str | None:
+def interpreter_limit(
+    tables: Sequence[TableConfig], batch: JaggedBatch, optimizer: OptimizerConfig
+) -> str | None:
     """Why the update kernel would be too slow under the interpreter for this batch, or None:
     its programs and loop steps, counted from the batch's unique rows exactly (on the CPU)."""
     if len(batch.values) == 0 or batch.batch_size == 0:
         return None
-    _, key0, groups = _groups(tables)
+    _, key0, groups = _groups(tables, optimizer.kind)
     _, keys = _keys(tables, key0, batch, "cpu")
     unique, counts = torch.unique(keys, return_counts=True)
     programs = steps = 0
@@ -144,7 +154,9 @@ def interpreter_limit(tables: Sequence[TableConfig], batch: JaggedBatch) -> str 
 class TritonTrainStep:
     """One prepared training step (module docstring): call it with ``(batch, grad_output)``."""
 
-    def __init__(self, tables: Sequence[TableConfig], lookup, optimizer: OptimizerConfig, interpret: bool) -> None:
+    def __init__(
+        self, tables: Sequence[TableConfig], lookup, optimizer: OptimizerConfig, interpret: bool
+    ) -> None:
         """``lookup``: the forward `impls.triton_fused.TritonLookup` of these tables, made with
         ``exact_bfloat16=True``; its buffers are the weights this step trains."""
         from impls import triton_training_kernels as k
@@ -156,9 +168,11 @@ class TritonTrainStep:
         self.kind = k.OPTIMIZER_KIND[optimizer.kind]
         self.decay = k.DECAY_MODE[optimizer.weight_decay_mode]
         self.hyper = torch.tensor(
-            [optimizer.learning_rate, optimizer.eps, optimizer.weight_decay], dtype=torch.float32, device=device
+            [optimizer.learning_rate, optimizer.eps, optimizer.weight_decay],
+            dtype=torch.float32,
+            device=device,
         )
-        order, self.key0, self.groups = _groups(self.tables)
+        order, self.key0, self.groups = _groups(self.tables, optimizer.kind)
         self.index = {f: i for i, t in enumerate(self.tables) for f in t.feature_names}
         self.column = {f: c for _, f, c, _ in output_columns(self.tables)}
         self.width = sum(t.embedding_dim * len(t.feature_names) for t in self.tables)
@@ -187,17 +201,19 @@ class TritonTrainStep:
         self.tab_dim = column([t.embedding_dim for t in ts])
         self.tab_key0 = column([self.key0[i] for i in order])
         self.tab_state = column([state0[i] for i in order])
-        self.tab_mean = column([int(t.pooling is Pooling.MEAN) for t in ts])
         self.group_keys = column([g.first_key for g in self.groups])
         if optimizer.kind == "adagrad":
             self.moments = torch.zeros(max(1, elements), dtype=torch.float32, device=device)
         elif optimizer.kind == "rowwise_adagrad":
-            self.moments = torch.zeros(max(1, sum(t.num_embeddings for t in ts)), dtype=torch.float32, device=device)
+            self.moments = torch.zeros(
+                max(1, sum(t.num_embeddings for t in ts)), dtype=torch.float32, device=device
+            )
         else:
             self.moments = torch.zeros(1, dtype=torch.float32, device=device)
         self.views = {
             t.name: self.buffer[t.dtype][
-                self.lookup.table_base[t.name] : self.lookup.table_base[t.name] + t.num_embeddings * t.embedding_dim
+                self.lookup.table_base[t.name] : self.lookup.table_base[t.name]
+                + t.num_embeddings * t.embedding_dim
             ].view(t.num_embeddings, t.embedding_dim)
             for t in self.tables
         }
@@ -208,11 +224,17 @@ class TritonTrainStep:
         self._launch = {} if interpret else {"enable_fp_fusion": True}
 
     def _columns(self, keys: tuple[str, ...]) -> torch.Tensor:
+        """Per batch key, its first column in grad_output (on the device; cached per key order)."""
         cols = self._feat_col.get(keys)
         if cols is None:
             cols = torch.tensor([self.column[f] for f in keys], dtype=torch.int64, device=self.device)
             self._feat_col[keys] = cols
         return cols
+
+    def _mean_bags(self, keys: tuple[str, ...], batch_size: int) -> torch.Tensor:
+        """Per bag (on the host), whether its table pools by MEAN."""
+        mean = torch.tensor([self.tables[self.index[f]].pooling is Pooling.MEAN for f in keys])
+        return mean.repeat_interleave(batch_size)
 
     def __call__(self, batch: JaggedBatch, grad_output: torch.Tensor) -> TrainResult:
         validate_grad_output(self.tables, batch, grad_output)
@@ -236,25 +258,34 @@ class TritonTrainStep:
         starts = torch.cumsum(counts, 0) - counts
         seg_table = torch.searchsorted(self.tab_key0, unique, right=True) - 1
         bounds = torch.searchsorted(unique, self.group_keys).tolist() + [len(unique)]
-        offsets = batch.offsets.to(device)
+        # Per occurrence, in the sorted order: where its grad_output slice starts, and the factor of
+        # its term: its per-sample weight, or fl(1 / length) of a MEAN bag (IEEE, on the host; a
+        # batch with per-sample weights has no MEAN table), so the kernel reads each with one load.
+        b = batch.batch_size
+        feature = bags // b
+        occ_grad = ((bags - feature * b) * self.width + self._columns(batch.keys)[feature])[order]
+        if weighted:
+            occ_scale = on_device.weights[order]
+        elif self.has_mean:
+            mean = self._mean_bags(batch.keys, b)
+            inverse = torch.where(mean, 1.0 / batch.lengths.to(torch.float32), 1.0)
+            occ_scale = inverse.to(device)[bags][order]
         grad = grad_output.to(device).contiguous()
-        feat_col = self._columns(batch.keys)
         for g, lo, hi in zip(self.groups, bounds, bounds[1:], strict=False):
             if hi <= lo:
                 continue
             launch = dict(self._launch)
-            if launch:  # 16 tile elements per thread at most, or 8 warps
-                launch["num_warps"] = 4 if g.block_r * g.block_d <= 2048 else 8
+            if launch:
+                launch["num_warps"] = g.num_warps
             grid = (-(-(hi - lo) // g.block_r),)
             self.kernel[grid](
                 order,
+                occ_grad,
+                occ_scale if weighted or self.has_mean else self._dummy,
                 starts,
                 counts,
                 unique,
                 seg_table,
-                bags,
-                offsets,
-                on_device.weights if weighted else self._dummy,
                 grad,
                 self.buffer[g.dtype],
                 self.moments,
@@ -264,17 +295,13 @@ class TritonTrainStep:
                 self.tab_dim,
                 self.tab_key0,
                 self.tab_state,
-                self.tab_mean,
-                feat_col,
                 lo,
                 hi,
-                batch.batch_size,
-                self.width,
                 KIND=self.kind,
                 DECAY=self.decay,
                 STORE=_STORE[g.dtype],
                 HAS_WEIGHTS=weighted,
-                HAS_MEAN=self.has_mean,
+                HAS_SCALE=weighted or self.has_mean,
                 BLOCK_R=g.block_r,
                 BLOCK_D=g.block_d,
                 VEC=self.vec,

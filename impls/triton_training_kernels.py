@@ -11,8 +11,8 @@ to its table's dim):
    once, gathers its ``grad_output`` slice (``[BLOCK_R, BLOCK_D]``, each row contiguous: a warp
    reads whole rows), writes the occurrence's per-sample weight gradient (the dot product of the
    row *before* the update with that slice; every position belongs to exactly one segment, so one
-   program writes it), scales the slice by the per-sample weight or divides it by the bag length
-   (MEAN) and adds it to the row's gradient, in batch order;
+   program writes it), scales the slice by the per-sample weight or by ``fl(1 / bag length)``
+   (MEAN: computed on the host, IEEE) and adds it to the row's gradient, in batch order;
 3. it applies the optimizer to its rows and writes rows and state back.
 
 No two programs touch the same row, and no atomics are used: the result does not depend on the
@@ -29,8 +29,11 @@ conversions: under the interpreter, ``.to(tl.float32)`` of a bfloat16 subnormal 
 compiled, the integer code gives the same bits as the hardware conversions.
 
 As in `impls.triton_kernels`, the body is a plain function wrapped per mode (`kernel`), and uses
-only Triton builtins plus combine functions defined here (the interpreter cannot call Triton's
-own ``tl.sum`` or ``tl.max``). All address arithmetic is int64.
+only Triton builtins: the interpreter cannot call Triton's own ``tl.sum`` or ``tl.max`` (they
+were decorated compiled-only). Its reductions are ``tl.reduce`` with the combine functions those
+use, ``tl.standard._sum_combine`` and ``_elementwise_max``: the interpreter recognises them and
+reduces with numpy (any other combine function it calls element by element in Python, thousands
+of times slower). All address arithmetic is int64.
 """
 
 from __future__ import annotations
@@ -57,27 +60,14 @@ OPTIMIZER_KIND = {"sgd": SGD.value, "adagrad": ADAGRAD.value, "rowwise_adagrad":
 DECAY_MODE = {"none": DECAY_NONE.value, "l2": DECAY_L2.value, "decoupled": DECAY_DECOUPLED.value}
 
 
-@triton.jit
-def _larger(a, b):
-    """The combine function of a max-reduction (see the module's docstring)."""
-    return tl.maximum(a, b)
-
-
-@triton.jit
-def _plus(a, b):
-    """The combine function of a sum-reduction (see the module's docstring)."""
-    return a + b
-
-
 def update_kernel_body(
     order,  # int64 [n_ids]: the batch's positions sorted by (table, row), stably (batch order within a row)
-    seg_start,  # int64 [n_unique]: where each unique row's occurrences start in ``order``
+    occ_grad,  # int64 [n_ids]: per sorted occurrence, its grad_output slice's first element
+    occ_scale,  # float32 [n_ids]: per sorted occurrence, its per-sample weight or 1 / its MEAN bag's length
+    seg_start,  # int64 [n_unique]: where each unique row's occurrences start in the sorted order
     seg_count,  # int64 [n_unique]: how many there are
     seg_key,  # int64 [n_unique]: the row's global key (its table's first key + id)
     seg_table,  # int64 [n_unique]: the row's table (an index into the tab_* arrays)
-    bag_of,  # int64 [n_ids]: the bag (key index * batch + sample) of each position
-    offsets,  # int64 [n_bags + 1]: the batch's offsets (MEAN: a bag's length)
-    per_sample,  # float32 [n_ids]: per-sample weights (read when HAS_WEIGHTS; else a dummy)
     grad,  # float32 [batch, width]: grad_output
     weights,  # the launch's storage dtype: the tables of that dtype, back to back (read and written)
     moments,  # float32: adagrad one per element (tab_state + id * dim + column), rowwise one per key
@@ -87,17 +77,13 @@ def update_kernel_body(
     tab_dim,  # int64 [n_tables]
     tab_key0,  # int64 [n_tables]: the table's first global key
     tab_state,  # int64 [n_tables]: the table's first element in ``moments`` (adagrad)
-    tab_mean,  # int64 [n_tables]: 1 when the table pools by MEAN
-    feat_col,  # int64 [n_keys]: the batch key's first column in grad
     first,  # the launch's first unique row
     end,  # one past its last
-    batch,
-    width,
     KIND: tl.constexpr,
     DECAY: tl.constexpr,
     STORE: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
-    HAS_MEAN: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
     VEC: tl.constexpr,
@@ -115,8 +101,8 @@ def update_kernel_body(
     element = tl.load(tab_base + tab, mask=row_live, other=0) + row_id * dim
     if VEC > 1:
         # Every dim, table base and column is a multiple of VEC: rows move as 16-byte vectors.
+        dim = tl.multiple_of(dim, VEC)
         element = tl.multiple_of(element, VEC)
-        width = tl.multiple_of(width, VEC)
     cols = tl.arange(0, BLOCK_D)
     live = row_live[:, None] & (cols[None, :] < dim[:, None])
     where = element[:, None] + cols[None, :]
@@ -126,29 +112,24 @@ def update_kernel_body(
         w = (bits.to(tl.int32) << 16).to(tl.float32, bitcast=True)
     else:
         w = tl.load(weights + where, mask=live, other=0.0).to(tl.float32)
-    if HAS_MEAN:
-        is_mean = tl.load(tab_mean + tab, mask=row_live, other=0) != 0
 
-    steps = tl.reduce(count, 0, _larger)
+    steps = tl.reduce(count, 0, tl.standard._elementwise_max)
     acc = tl.full([BLOCK_R, BLOCK_D], 0.0, tl.float32)
     for j0 in range(0, steps, UNROLL):
+        # UNROLL occurrences of every row per iteration, unrolled: their loads are all in flight.
         for u in tl.static_range(UNROLL):
             j = j0 + u
             occurs = j < count
-            pos = tl.load(order + start + j, mask=occurs, other=0)
-            bag = tl.load(bag_of + pos, mask=occurs, other=0)
-            f = bag // batch
-            sample = bag - f * batch
-            column = sample * width + tl.load(feat_col + f, mask=occurs, other=0)
+            at = start + j
+            column = tl.load(occ_grad + at, mask=occurs, other=0)
             if VEC > 1:
                 column = tl.multiple_of(column, VEC)
             g = tl.load(grad + (column[:, None] + cols[None, :]), mask=occurs[:, None] & live, other=0.0)
             if HAS_WEIGHTS:
-                tl.store(psw_grad + pos, tl.reduce(w * g, 1, _plus), mask=occurs)
-                g = g * tl.load(per_sample + pos, mask=occurs, other=0.0)[:, None]
-            if HAS_MEAN:
-                n = tl.load(offsets + bag + 1, mask=occurs, other=1) - tl.load(offsets + bag, mask=occurs, other=0)
-                g = tl.div_rn(g, tl.where(is_mean, n, 1).to(tl.float32)[:, None])
+                pos = tl.load(order + at, mask=occurs, other=0)
+                tl.store(psw_grad + pos, tl.reduce(w * g, 1, tl.standard._sum_combine), mask=occurs)
+            if HAS_SCALE:
+                g = g * tl.load(occ_scale + at, mask=occurs, other=0.0)[:, None]
             acc += g
 
     lr = tl.load(hyper)
@@ -172,7 +153,7 @@ def update_kernel_body(
         tl.store(moments + state, m, mask=live)
         new = kept - tl.div_rn(lr * step, tl.sqrt_rn(m) + eps)
     else:
-        mean = tl.div_rn(tl.reduce(h * h, 1, _plus), tl.maximum(dim, 1).to(tl.float32))
+        mean = tl.div_rn(tl.reduce(h * h, 1, tl.standard._sum_combine), tl.maximum(dim, 1).to(tl.float32))
         m = tl.load(moments + key, mask=row_live, other=0.0) + mean
         tl.store(moments + key, m, mask=row_live)
         mu = tl.div_rn(lr, tl.sqrt_rn(m) + eps)
@@ -197,4 +178,4 @@ def kernel(interpret: bool) -> Any:
         from triton.runtime.interpreter import InterpretedFunction
 
         return InterpretedFunction(update_kernel_body)
-    return triton.jit(update_kernel_body, do_not_specialize=["first", "end", "batch", "width"])
+    return triton.jit(update_kernel_body, do_not_specialize=["first", "end"])

@@ -4,6 +4,8 @@
     python scripts/gpu_check.py fuzz OUTDIR ...   the fuzz driver's Python API, when `jagbench fuzz` is absent
     python scripts/gpu_check.py kernels OUTDIR    device copy bandwidth, kernel times with the ids
                                                   already on the device, a small tuning sweep -> kernels.json
+    python scripts/gpu_check.py train OUTDIR      triton's training step: a bounded fuzz against the
+                                                  reference, the step timed on small workloads -> train.json
     python scripts/gpu_check.py summary OUTDIR    summary.md from whatever the other steps left
 
 Each step writes its own file and never needs the network or torchrec. ``kernels`` times with
@@ -34,6 +36,9 @@ import torch  # noqa: E402
 
 GPU_WORKLOADS = ("gpu-large", "gpu-large-zipf", "gpu-large-fp16", "gpu-large-bf16", "gpu-large-jagged")
 BACKENDS = ("torch-cuda", "triton")
+# The training step's timing: standard workloads small enough to draw in seconds (the gpu-* ones
+# take 15-25 s each), with FBGEMM's EXACT_ROWWISE_ADAGRAD, the DLRM optimizer.
+TRAIN_WORKLOADS = ("dlrm-like", "many-small")
 
 
 def _write(path: Path, data: Any) -> None:
@@ -249,6 +254,128 @@ def _tune(lookup: Any, batch: Any, bytes_: int, seconds: float, tuning: Any) -> 
     return rows
 
 
+def _train_fuzz(backend: Any, out: Path, seconds: float) -> dict[str, Any]:
+    """The training fuzz driver on ``backend`` for ``seconds`` (its failure minimised and saved under
+    OUTDIR/regressions); a plain Hypothesis loop over `check_training` where the driver is absent."""
+    try:
+        from harness.fuzz.training import fuzz_training_backend
+    except ImportError:
+        fuzz_training_backend = None
+    if fuzz_training_backend is not None:
+        stats, failure = fuzz_training_backend(
+            backend,
+            time_budget=seconds,
+            save_dir=out / "regressions",
+            shrink_budget=min(15.0, seconds / 2),
+        )
+        return {
+            "driver": "harness.fuzz.training",
+            "examples": stats.examples,
+            "agreed": stats.agreed,
+            "known": stats.known,
+            "unsupported": stats.unsupported,
+            "failed": failure is not None,
+            "detail": None if failure is None else failure.verdict.detail,
+            "case": None if failure is None or failure.case_path is None else str(failure.case_path),
+        }
+    from hypothesis import HealthCheck, given, settings
+
+    from harness.training.check import check_training
+    from harness.training.spec import build_training_problem
+    from harness.training.strategies import training_specs
+
+    counts = {"examples": 0, "agreed": 0, "unsupported": 0, "failed": False, "detail": None}
+    deadline = time.monotonic() + seconds
+
+    @settings(max_examples=10_000, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(training_specs())
+    def run(spec: Any) -> None:
+        if counts["failed"] or time.monotonic() > deadline:
+            return
+        verdict = check_training(backend, build_training_problem(spec))
+        counts["examples"] += 1
+        counts["agreed"] += verdict.outcome.value == "agree"
+        counts["unsupported"] += verdict.outcome.value == "unsupported"
+        if verdict.failed:
+            counts.update(failed=True, detail=verdict.detail, spec=spec.to_json())
+
+    run()
+    return {"driver": "check_training over training_specs", **counts}
+
+
+def cmd_train(out: Path, workloads: list[str], fuzz_seconds: float) -> int:
+    """triton's training step on the GPU: the fuzz (`_train_fuzz`), then the step timed with the
+    batch and grad_output resident on the device (do_bench median, the step continuing its own
+    state from call to call), beside the forward alone on the same tables, with the training byte
+    model (`harness.bench.training`) and the copy bandwidth of kernels.json."""
+    from harness.backend import load_backend
+    from harness.bench.workloads import get_workloads
+    from harness.training.contract import OptimizerConfig
+
+    optimizer = OptimizerConfig("rowwise_adagrad", 0.01)
+    data: dict[str, Any] = {
+        "versions": _versions(),
+        "optimizer": optimizer.describe(),
+        "fuzz": None,
+        "cases": [],
+    }
+    path = out / "train.json"
+    status = 0
+    try:
+        backend = load_backend("triton")
+        data["fuzz"] = _train_fuzz(backend, out, fuzz_seconds)
+        status = int(bool(data["fuzz"]["failed"]))
+    except Exception as e:  # noqa: BLE001 - record it, time the step anyway
+        data["fuzz"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        traceback.print_exc()
+        _write(path, data)
+        return 1
+    _write(path, data)
+    kernels = out / "kernels.json"
+    bandwidth = json.loads(kernels.read_text()).get("bandwidth", {}) if kernels.exists() else {}
+    ceiling = bandwidth.get("gbps") or device_copy_bandwidth()["gbps"]
+    data["copy_bandwidth_gbps"] = ceiling
+    try:
+        from harness.bench.training import TRAIN_BYTE_MODEL, training_byte_model
+    except ImportError:
+        TRAIN_BYTE_MODEL, training_byte_model = None, None
+    data["byte_model"] = TRAIN_BYTE_MODEL
+    for w in get_workloads(workloads):
+        t0 = time.monotonic()
+        row: dict[str, Any] = {"workload": w.name, "backend": "triton"}
+        try:
+            row.update(_time_train_step(backend, w, optimizer, training_byte_model))
+            if "bytes" in row:
+                row["gbps"] = row["bytes"] / (row["median_ms"] * 1e-3) / 1e9
+                row["fraction_of_copy_bandwidth"] = row["gbps"] / ceiling
+        except Exception as e:  # noqa: BLE001 - record it and go on with the rest
+            row["error"] = f"{type(e).__name__}: {e}"[:500]
+            traceback.print_exc()
+            status = 1
+        data["cases"].append(row)
+        torch.cuda.empty_cache()
+        print(f"train {w.name}: {row.get('median_ms')} ms ({time.monotonic() - t0:.0f} s)", file=sys.stderr)
+        _write(path, data)
+    return status
+
+
+def _time_train_step(backend: Any, workload: Any, optimizer: Any, byte_model: Any) -> dict[str, Any]:
+    """One workload's step and forward medians (ms), with the batch and grad_output on the device."""
+    from harness.training.spec import make_grad_output
+
+    problem = workload.problem()
+    row: dict[str, Any] = {}
+    if byte_model is not None:
+        row["bytes"] = byte_model(problem.tables, problem.batch, optimizer)["bytes"]
+    step = backend.prepare_training(problem.tables, problem.weights, optimizer)
+    batch = _resident(problem.batch)
+    grad = make_grad_output(problem.tables, batch.batch_size, "normal", workload.seed).cuda()
+    step(batch, grad)  # compiles the kernels
+    row["median_ms"] = _time(lambda b: step(b, grad), batch)
+    row["forward_ms"] = _time(step.lookup, batch)
+    return row
+
+
 def _load_bench(out: Path) -> dict[str, Any] | None:
     path = out / "bench.json"
     if path.exists():
@@ -336,6 +463,38 @@ def cmd_summary(out: Path) -> int:
                 f"torch-cuda (goal >= 1.0) and {g['fraction_of_copy_bandwidth']:.0%} of the copy "
                 "bandwidth (goal >= 70%).",
             ]
+    train = json.loads((out / "train.json").read_text()) if (out / "train.json").exists() else None
+    if train:
+        fuzz = train.get("fuzz") or {}
+        parts += ["", f"## triton training ({train.get('optimizer')})", ""]
+        if "error" in fuzz:
+            parts.append(f"Fuzz: error {fuzz['error']}")
+        else:
+            verdict = f"FAILED: {fuzz.get('detail')}" if fuzz.get("failed") else "no failure"
+            parts.append(
+                f"Fuzz ({fuzz.get('driver')}): {fuzz.get('examples')} examples, {fuzz.get('agreed')} agreed, "
+                f"{fuzz.get('unsupported')} unsupported; {verdict}"
+                + (f" (case {fuzz['case']})" if fuzz.get("case") else "")
+            )
+        parts += [
+            "",
+            "Step (forward, backward, update) with the batch and grad_output on the device, do_bench "
+            f"median; copy bandwidth {train.get('copy_bandwidth_gbps') or float('nan'):.0f} GB/s. "
+            f"Bytes: {train.get('byte_model')}.",
+            "",
+        ]
+        rows = [
+            [
+                c["workload"],
+                c.get("median_ms"),
+                c.get("forward_ms"),
+                c.get("gbps"),
+                c.get("fraction_of_copy_bandwidth"),
+                c.get("error"),
+            ]
+            for c in train.get("cases", [])
+        ]
+        parts.append(_table(["workload", "step ms", "forward ms", "GB/s", "of copy bw", "error"], rows))
     bench = _load_bench(out)
     if bench and "benchmarks" in bench:
         parts += ["", "## jagbench bench (batch copied from the host inside every timed call)", ""]
@@ -385,6 +544,10 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("outdir", type=Path)
     k.add_argument("--workload", action="append", default=None)
     k.add_argument("--tune-seconds", type=float, default=20.0)
+    t = sub.add_parser("train")
+    t.add_argument("outdir", type=Path)
+    t.add_argument("--workload", action="append", default=None)
+    t.add_argument("--fuzz-seconds", type=float, default=15.0)
     args = p.parse_args(argv)
     args.outdir.mkdir(parents=True, exist_ok=True)
     if args.step == "env":
@@ -396,6 +559,11 @@ def main(argv: list[str] | None = None) -> int:
             print("gpu_check kernels: torch sees no CUDA device", file=sys.stderr)
             return 2
         return cmd_kernels(args.outdir, args.workload or list(GPU_WORKLOADS), args.tune_seconds)
+    if args.step == "train":
+        if not torch.cuda.is_available():
+            print("gpu_check train: torch sees no CUDA device", file=sys.stderr)
+            return 2
+        return cmd_train(args.outdir, args.workload or list(TRAIN_WORKLOADS), args.fuzz_seconds)
     return cmd_summary(args.outdir)
 
 

@@ -16,10 +16,12 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from harness.model import JaggedBatch, Pooling, TableConfig
+from harness.quantized import QuantizedTable, dequantize
 
 
 class VectorPool:
-    """Correct: gather, weight, ``index_add_`` into bags in float32, divide MEAN by the length."""
+    """Correct: gather, weight, ``index_add_`` into bags in float32, divide MEAN by the length (a
+    quantized table's rows dequantized first, rounded to float32 once)."""
 
     name = "vector-pool"
     acc_dtype = torch.float32
@@ -87,7 +89,10 @@ class VectorPool:
             lo, hi = int(offsets[f * b]), int(offsets[(f + 1) * b])
             lengths = batch.lengths[f * b : (f + 1) * b].to(torch.int64)
             ids = self.ids(batch, lo, hi)
-            rows = self.widen(weights[table.name][ids])
+            rows = weights[table.name][ids]
+            if isinstance(rows, QuantizedTable):  # dequantized in float64, rounded to float32 once
+                rows = dequantize(rows).to(torch.float32)
+            rows = self.widen(rows)
             per_sample = self.sample_weights(batch, lo, hi)
             if per_sample is not None:
                 rows = rows * per_sample.to(self.acc_dtype)[:, None]

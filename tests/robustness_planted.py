@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from harness.model import JaggedBatch
+from harness.model import SUPPORTED_DTYPES, JaggedBatch
 from impls.reference import ReferenceBackend
 
 
@@ -19,6 +19,8 @@ def _rows_of_each_id(tables, batch: JaggedBatch) -> torch.Tensor:
 
 
 class _Planted(ReferenceBackend):
+    table_dtypes = SUPPORTED_DTYPES  # float tables only: the quantized controls are unsupported
+
     def misbehave(self, lookup, batch: JaggedBatch, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -82,6 +84,7 @@ class ClampsNamedNumba(Clamps):
 class ZeroesNaNInPrepare(ReferenceBackend):
     """Replaces NaN in the caller's table weights with 0, in place, in ``prepare``."""
 
+    table_dtypes = SUPPORTED_DTYPES
     name = "planted-nan-to-zero"
 
     def prepare(self, tables, weights):
@@ -99,6 +102,7 @@ class KeepsAWorker(ReferenceBackend):
     non-finite weight it names how many problems this process has prepared and the helper's pid
     (raises); an id past its table crashes it, a negative id hangs it."""
 
+    table_dtypes = SUPPORTED_DTYPES
     name = "planted-worker"
 
     def prepare(self, tables, weights):

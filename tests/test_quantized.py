@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
-from harness.model import JaggedBatch, Pooling, TableConfig, dtype_from_name, dtype_name, is_quantized
+from harness.model import (
+    SUPPORTED_DTYPES,
+    JaggedBatch,
+    Pooling,
+    TableConfig,
+    dtype_from_name,
+    dtype_name,
+    is_quantized,
+)
 from harness.quantized import (
     QUANTIZED_STORAGE,
     QuantizedTable,
@@ -266,6 +276,13 @@ def _fbgemm_emulated(tables, weights, batch) -> torch.Tensor:
     out = []
     offsets = batch.offsets.tolist()
     b = batch.batch_size
+    with np.errstate(all="ignore"):  # overflow to inf and inf * 0 are what the library does
+        return _emulated(tables, weights, batch, offsets, b, out)
+
+
+def _emulated(tables, weights, batch, offsets, b, out):
+    import numpy as np
+
     for t in tables:
         w = weights[t.name]
         q, s, bias = w.codes.numpy().astype(np.float64), w.scale.float().numpy(), w.bias.float().numpy()
@@ -512,10 +529,32 @@ def levels(storage: str) -> int:
     return 2 ** bits_of(storage) - 1
 
 
-def test_the_default_strategy_draws_quantized_tables_as_a_steady_share():
+def test_quantized_tables_are_opt_in_and_then_a_steady_share():
+    """`problems()` draws float tables only; with every table dtype (what the fuzzer draws for
+    numba, triton, torch: `harness.backend.table_dtypes`) quantized ones are a steady minority."""
     from hypothesis import HealthCheck, given, settings
 
+    from harness.backend import load_backend, table_dtypes
     from harness.fuzz.strategies import problems
+    from harness.model import TABLE_DTYPES
+
+    assert table_dtypes(load_backend("numba")) == TABLE_DTYPES
+    assert table_dtypes(object()) == SUPPORTED_DTYPES
+    floats = []
+
+    @settings(
+        max_examples=60,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(problems(max_cost=20_000))
+    def draw_floats(problem):
+        floats.append(any(is_quantized(t) for t in problem.tables))
+
+    draw_floats()
+    assert len(floats) == 60 and not any(floats)
 
     seen = []
 
@@ -526,7 +565,7 @@ def test_the_default_strategy_draws_quantized_tables_as_a_steady_share():
         derandomize=True,
         suppress_health_check=list(HealthCheck),
     )
-    @given(problems(max_cost=20_000))
+    @given(problems(max_cost=20_000, dtypes=TABLE_DTYPES))
     def draw(problem):
         validate_problem(problem.tables, problem.batch, problem.weights)
         seen.append({t.dtype for t in problem.tables if is_quantized(t)})
@@ -644,7 +683,60 @@ def test_the_minimiser_simplifies_a_quantized_counterexample():
         NibblesSwapped(), max_examples=100, seed=2, save_dir=None, known=[], shrink_budget=30
     )
     assert failure is not None
-    p = failure.minimised
+    p = failure.problem  # the minimised problem
     assert len(p.tables) == 1 and p.tables[0].embedding_dim == 2 and len(p.batch.values) == 1
     w = p.weights[p.tables[0].name]
     assert w.scale.tolist() == [1.0] and w.bias.tolist() == [0.0]
+
+
+def _one_row_problem(codes, scale, bias, weights, storage="int8"):
+    dim = len(codes)
+    table = QuantizedTable(
+        torch.tensor([codes], dtype=torch.uint8),
+        torch.tensor([scale], dtype=torch.float16),
+        torch.tensor([bias], dtype=torch.float16),
+        storage,
+    )
+    tables = [TableConfig("t", 1, dim, ("f",), Pooling.SUM, storage)]
+    batch = JaggedBatch.from_bags({"f": [[0] * len(weights)]}, weights={"f": [weights]})
+    return tables, {"t": table}, batch
+
+
+def _judged(tables, weights, batch, got):
+    from harness.agreement import Oracle
+    from harness.tolerance import compare
+
+    validate_problem(tables, batch, weights)
+    oracle = Oracle.of(tables, weights, batch)
+    return compare(got, oracle.reference.value, oracle.tolerance)
+
+
+def test_a_subnormal_w_times_s_times_a_code_is_within_the_quantized_subnormal_slack():
+    # fl(w s) lands among float32's subnormals; its error is then multiplied by the code 255.
+    weights = [3.1e-39, -2.7e-39, 1.3e-39]
+    problem = _one_row_problem([255, 254, 3, 0], 0.0010004, 0.0, weights)
+    emulated = _fbgemm_emulated(*problem)
+    verdict = _judged(*problem, emulated)
+    assert verdict.agree, verdict.describe()
+    assert verdict.worst_bound < 1e-40 and float((emulated.double() - 0).abs().max()) > 0
+    from harness.agreement import Oracle
+    from harness.tolerance import ETA32
+
+    error = (emulated.double() - Oracle.of(*problem).reference.value).abs().max()
+    assert float(error) > 100 * ETA32  # the float tables' slack for 6 terms is (6 + 3) eta
+    if importlib.util.find_spec("fbgemm_gpu"):
+        assert torch.equal(_tbe(*problem), emulated)
+
+
+def test_an_overflowing_w_times_s_times_a_zero_code_may_be_nan():
+    problem = _one_row_problem([0, 1, 2, 3], 2.0, 0.0, [3e38])
+    emulated = _fbgemm_emulated(*problem)
+    assert torch.isnan(emulated[0, 0]) and emulated[0, 1] == float("inf")  # fl(w s) = inf; inf * 0
+    verdict = _judged(*problem, emulated)
+    assert verdict.agree, verdict.describe()
+    if importlib.util.find_spec("fbgemm_gpu"):
+        got = _tbe(*problem)
+        assert _judged(*problem, got).agree and torch.isnan(got[0, 0])
+    nan_elsewhere = emulated.clone()
+    nan_elsewhere[0, 1] = float("nan")  # code 1: the term is w s, +inf, never NaN alone
+    assert not _judged(*problem, nan_elsewhere).agree

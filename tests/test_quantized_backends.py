@@ -110,7 +110,9 @@ def test_each_backend_agrees_with_the_reference_on_generated_problems(backends, 
     agreed = 0
     for seed in seeds:
         for weighted in (False, True):
-            problem = quantized_problem(seed, storage, weighted=weighted, max_bag=6 if name == "triton" else 12)
+            problem = quantized_problem(
+                seed, storage, weighted=weighted, max_bag=6 if name == "triton" else 12
+            )
             (v,) = verdicts_of(backends[name], problem)
             if v.outcome is Outcome.KNOWN:
                 assert name == "torch" and v.known_cases == (TORCH_MEAN_CASE,), v.detail
@@ -169,7 +171,11 @@ def test_quantized_and_float_tables_in_one_problem(backends, name):
         else torch.from_numpy(rng.standard_normal((t.num_embeddings, t.embedding_dim))).to(t.dtype)
         for t in tables
     }
-    bags = {f: [rng.integers(0, t.num_embeddings, 5).tolist() for _ in range(3)] for t in tables for f in t.feature_names}
+    bags = {
+        f: [rng.integers(0, t.num_embeddings, 5).tolist() for _ in range(3)]
+        for t in tables
+        for f in t.feature_names
+    }
     (v,) = verdicts_of(backends[name], Problem(tuple(tables), weights, JaggedBatch.from_bags(bags)))
     if name == "torch":  # its bfloat16 columns are rounded (a known case); every other column agrees
         assert v.outcome is Outcome.KNOWN and v.known_cases == ("torch-bfloat16-pooled-output",), v.detail
@@ -191,9 +197,17 @@ def test_numba_every_quantized_column_block_agrees(backends):
             TableConfig("b", 6, 510, ("y",), pooling, "int4"),
             TableConfig("c", 21, 508, ("z",), pooling, "int2"),
         ]
-        weights = {t.name: _rows(rng, t.dtype, t.num_embeddings, t.embedding_dim, "quantized") for t in tables}
-        bags = {f: [rng.integers(0, t.num_embeddings, 4).tolist() for _ in range(5)] for t in tables for f in t.feature_names}
-        per_sample = {k: [rng.normal(size=len(b)).tolist() for b in v] for k, v in bags.items()} if weighted else None
+        weights = {
+            t.name: _rows(rng, t.dtype, t.num_embeddings, t.embedding_dim, "quantized") for t in tables
+        }
+        bags = {
+            f: [rng.integers(0, t.num_embeddings, 4).tolist() for _ in range(5)]
+            for t in tables
+            for f in t.feature_names
+        }
+        per_sample = (
+            {k: [rng.normal(size=len(b)).tolist() for b in v] for k, v in bags.items()} if weighted else None
+        )
         problem = Problem(tuple(tables), weights, JaggedBatch.from_bags(bags, per_sample))
         (v,) = verdicts_of(backends["numba"], problem)
         assert v.outcome is Outcome.AGREE, v.detail
@@ -254,7 +268,12 @@ def test_fbgemm_mixed_poolings_get_one_module_each_in_the_contract_column_order(
 
 def test_registered_and_listed_as_available():
     statuses = {s.name: s for s in backend_statuses()}
-    for name in (*QUANTIZED_BACKENDS, "fbgemm-tbe-int-n-warning", "fbgemm-tbe-int-n-ignore", "fbgemm-tbe-int-n-none"):
+    for name in (
+        *QUANTIZED_BACKENDS,
+        "fbgemm-tbe-int-n-warning",
+        "fbgemm-tbe-int-n-ignore",
+        "fbgemm-tbe-int-n-none",
+    ):
         assert statuses[name].available, (name, statuses[name].reason)
     assert load_backend("fbgemm-tbe-int-n-none").bounds_check_mode == "NONE"
 
@@ -287,7 +306,10 @@ def test_fatal_bounds_check_raises_on_an_id_outside_the_table(name):
 def test_torchrec_quant_sets_every_tbe_to_fatal():
     from impls.torchrec_quant import TorchrecQuantEBC
 
-    tables = [TableConfig("s", 4, 4, ("a",), Pooling.SUM, "int8"), TableConfig("m", 4, 4, ("b",), Pooling.MEAN, "int4")]
+    tables = [
+        TableConfig("s", 4, 4, ("a",), Pooling.SUM, "int8"),
+        TableConfig("m", 4, 4, ("b",), Pooling.MEAN, "int4"),
+    ]
     weights = {t.name: quantize_rows(torch.randn(4, 4), t.dtype) for t in tables}
     module = TorchrecQuantEBC().build(tables, weights, is_weighted=False)
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
@@ -382,7 +404,9 @@ def test_the_mean_model_claims_only_mean_tables_of_its_dtypes():
         TableConfig("b", 2, 4, ("y",), Pooling.SUM, "int4"),
         TableConfig("c", 2, 4, ("z",), Pooling.MEAN, torch.float32),
     )
-    claimed = model.table_transforms(Problem(tables, {}, JaggedBatch.from_bags({"x": [[0]], "y": [[0]], "z": [[0]]})))
+    claimed = model.table_transforms(
+        Problem(tables, {}, JaggedBatch.from_bags({"x": [[0]], "y": [[0]], "z": [[0]]}))
+    )
     assert set(claimed) == {"a"}
 
 
@@ -400,14 +424,26 @@ def test_triton_kernel_compiles_for_a_hopper_gpu_with_quantized_rows(only_kind):
     from impls.triton_kernels import kernel
 
     fn = kernel(False)
-    pointers = ["offsets", "feat_base", "feat_dim", "feat_col", "feat_mean", "feat_kind", "feat_rows", "feat_qrow", "error"]
+    pointers = [
+        "offsets",
+        "feat_base",
+        "feat_dim",
+        "feat_col",
+        "feat_mean",
+        "feat_kind",
+        "feat_rows",
+        "feat_qrow",
+        "error",
+    ]
     signature = {"values": "*i64", **{p: "*i64" for p in pointers}, "per_sample": "*fp32", "out": "*fp32"}
     signature.update({"w_a": "*fp32", "w_b": "*fp16", "w_c": "*bf16", "w_q": "*u8", "w_s": "*fp16"})
     signature.update({"batch": "i32", "out_stride": "i32"})
     signature = {name: signature.get(name, "constexpr") for name in fn.arg_names}
     constants = {"BLOCK_B": 16, "BLOCK_D": 64, "UNROLL": 2, "HAS_WEIGHTS": True, "HAS_MEAN": True,
                  "ONLY_KIND": only_kind, "VEC": 4}  # fmt: skip
-    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if signature[n].startswith("*")}
+    aligned = {
+        (i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if signature[n].startswith("*")
+    }
     compiled = triton.compile(ASTSource(fn, signature, constants, aligned), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": 4})  # fmt: skip
     assert "ld.global" in compiled.asm["ptx"]

@@ -35,7 +35,7 @@ from harness.fuzz.strategies import (
     table_weights,
     weight_specs,
 )
-from harness.model import JaggedBatch, Pooling, Problem, TableConfig, is_quantized, total_dim
+from harness.model import TABLE_DTYPES, JaggedBatch, Pooling, Problem, TableConfig, is_quantized, total_dim
 from harness.validate import validate_problem
 
 T = TableConfig("t", 10, 3, ("a", "b"), Pooling.MEAN)
@@ -399,7 +399,8 @@ REACHES = {
 
 @pytest.fixture(scope="module")
 def default_sample() -> list[dict]:
-    """What ``jagbench fuzz`` draws: 400 examples of the default `problems()` under a fixed seed
+    """What ``jagbench fuzz`` draws for a backend that reads every table dtype (``numba``,
+    ``triton``, ``torch``): 400 examples of `problems(dtypes=TABLE_DTYPES)` under a fixed seed
     (Hypothesis's own generation, early small examples and mutations included), as facts.
 
     Hypothesis mutates each new example about six times, so 400 examples hold about 60
@@ -410,7 +411,7 @@ def default_sample() -> list[dict]:
 
     @seed(1)
     @settings(QUICK, max_examples=400, derandomize=False)
-    @given(problems())
+    @given(problems(dtypes=TABLE_DTYPES))
     def collect(problem):
         facts.append(_facts(problem))
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 
 from harness.agreement import Outcome
-from harness.backend import load_backend
+from harness.backend import BackendUnavailable, load_backend
 from harness.fuzz.strategies import table_configs
 from harness.model import JaggedBatch, Pooling, TableConfig
 from harness.training.cases import (
@@ -319,9 +319,12 @@ def _backend_of(name: str, sharded: dict | None):
         if sharded is None:
             pytest.skip("torchrec is not installed")
         return sharded[name.removeprefix("torchrec-sharded-")]
-    if name != "torch" and not TORCHREC:
+    if name not in ("torch", "torch-cuda") and not TORCHREC:
         pytest.skip("torchrec is not installed")
-    return load_backend(name)
+    try:
+        return load_backend(name)
+    except BackendUnavailable as e:
+        pytest.skip(f"not run here: {e}")
 
 
 @pytest.fixture(scope="module")
@@ -352,7 +355,8 @@ def test_every_training_case_file_loads_and_names_a_training_backend():
     assert len(names) == len(set(names)) == len(training_case_files())
     for c in CASES:
         assert c.path is not None and c.path.stem == c.name
-        assert c.reproduced and c.summary and c.scope
+        assert c.summary and c.scope and c.model is not None
+        assert c.reproduced or "not reproduced" in c.found.get("status", ""), c.name
 
 
 def test_a_model_explains_nothing_it_does_not_claim():

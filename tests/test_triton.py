@@ -205,6 +205,7 @@ def test_kernel_compiles_for_a_hopper_gpu_with_vector_loads(ids: str, weights: d
     pointers = ["offsets", "per_sample", "feat_base", "feat_dim", "feat_col", "feat_mean", "feat_kind"]
     signature = {"values": ids, **{p: "*i64" for p in pointers}, **weights}
     signature.update({"per_sample": "*fp32", "feat_rows": "*i64", "error": "*i64", "out": "*fp32"})
+    signature.update({"w_q": "*u8", "w_s": "*fp16", "feat_qrow": "*i64"})  # quantized tables (none here)
     signature.update({"batch": "i32", "out_stride": "i32"})
     constants = {"BLOCK_B": 16, "BLOCK_D": 128, "UNROLL": 2, "EXACT_BF16": False, **constants}
     fn = kernel(False)

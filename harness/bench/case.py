@@ -12,10 +12,10 @@ training step (``--mode train``) or a quantized-table lookup is another subclass
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
-from harness.agreement import Verdict
+from harness.agreement import Verdict, mark_known
 from harness.backend import Backend
 from harness.bench.workloads import Workload, case_fits
 from harness.model import JaggedBatch, Problem
@@ -57,6 +57,11 @@ class BenchCase(ABC):
     @abstractmethod
     def check(self, result: Any, samples: int) -> Verdict:
         """Judge one call's result against the reference on up to ``samples`` samples."""
+
+    def mark_known(self, verdict: Verdict, known: Sequence[Any]) -> Verdict:
+        """``verdict`` relabelled `Outcome.KNOWN` where this kind's known cases explain it (the
+        forward cases, ``known``, by default; a training step has its own)."""
+        return mark_known([verdict], self.problem, known)[0]
 
     @abstractmethod
     def byte_model(self) -> dict[str, int]:

@@ -36,6 +36,28 @@ def _percent(text: str) -> float:
     return value
 
 
+def _optimizer(args: argparse.Namespace):
+    """The ``--mode train`` optimizer from the options (rowwise_adagrad, lr 0.01 by default)."""
+    from harness.bench.training import DEFAULT_OPTIMIZER
+    from harness.training.contract import OptimizerConfig
+    from harness.training.validate import validate_optimizer
+    from harness.validate import ProblemError
+
+    d = DEFAULT_OPTIMIZER
+    optimizer = OptimizerConfig(
+        kind=args.optimizer or d.kind,
+        learning_rate=d.learning_rate if args.learning_rate is None else args.learning_rate,
+        eps=args.eps,
+        weight_decay=args.weight_decay,
+        weight_decay_mode=args.weight_decay_mode or ("l2" if args.weight_decay else "none"),
+    )
+    try:
+        validate_optimizer(optimizer)
+    except ProblemError as e:
+        raise UsageError(f"bad optimizer: {e}") from e
+    return optimizer
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from harness.bench.runner import CASE_KINDS, BenchConfig, run_bench
     from harness.bench.summary import format_summary
@@ -65,6 +87,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except WorkloadError as e:
         raise UsageError(str(e)) from e
     backends = load_backends(args.backend)
+    case_options = {}
+    if args.mode == "train":
+        case_options["optimizer"] = _optimizer(args)
+        if not args.backend:
+            from harness.backend import can_train
+
+            backends = [b for b in backends if can_train(b)]
+    elif any(v is not None for v in (args.optimizer, args.learning_rate, args.weight_decay_mode)):
+        raise UsageError("--optimizer, --learning-rate and --weight-decay-mode are for --mode train")
     if not backends:
         raise UsageError("no backend to run")
     config = BenchConfig(
@@ -86,6 +117,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         flush_mib=args.flush_cache,
         load=args.load,
         noise_threshold=args.noise_threshold,
+        case_options=case_options,
     )
     progress = progress_for(quiet=args.quiet)
     progress.note(
@@ -217,7 +249,28 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--mode",
         default="forward",
-        help="what is timed: forward (the lookup; default)",
+        help="what is timed: forward (the lookup; default) or train (one training step: forward, backward "
+        "of a fixed grad_output and the optimizer update, the state continued from round to round; "
+        "default backends: every available one that trains)",
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=("sgd", "adagrad", "rowwise_adagrad"),
+        default=None,
+        help="--mode train: the optimizer (default rowwise_adagrad: FBGEMM's EXACT_ROWWISE_ADAGRAD)",
+    )
+    p.add_argument(
+        "--learning-rate", type=float, default=None, metavar="LR", help="--mode train: learning rate (0.01)"
+    )
+    p.add_argument("--eps", type=float, default=1e-8, help="--mode train: the adagrad kinds' eps (1e-8)")
+    p.add_argument(
+        "--weight-decay", type=float, default=0.0, metavar="WD", help="--mode train: weight decay (0)"
+    )
+    p.add_argument(
+        "--weight-decay-mode",
+        choices=("none", "l2", "decoupled"),
+        default=None,
+        help="--mode train: how weight decay applies (l2 when --weight-decay is given, else none)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress and no summary; errors still shown")
     p.add_argument(

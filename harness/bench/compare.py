@@ -1,6 +1,7 @@
 """Comparing two runs case by case, with a verdict that accounts for noise.
 
-Cases are matched by (backend, workload). Per case the change is the ratio of medians
+Cases are matched by (mode, backend, workload): a training step (``--mode train``) is never
+compared with a forward lookup of the same backend and workload. Per case the change is the ratio of medians
 ``new / base`` (> 1 is slower). Whether it is real is judged from the per-round data by a
 bootstrap: both runs' rounds are resampled with replacement (seeded, 2,000 times) and the 2.5th and
 97.5th percentiles of the resampled median ratio form a 95% interval. The change is *significant*
@@ -61,6 +62,7 @@ class CaseChange:
     relative_low: float | None = None
     relative_high: float | None = None
     basis: str = "time"
+    mode: str = "forward"
 
     @property
     def verdict(self) -> str:
@@ -158,25 +160,25 @@ def _per_round_vs_baseline(case: dict[str, Any], base: dict[str, Any] | None) ->
 def compare_runs(
     base: Run, new: Run, threshold: float = 0.10, *, relative: bool = False, baseline: str | None = None
 ) -> Comparison:
-    """Match cases by (backend, workload) and judge each change (see the module docstring).
+    """Match cases by (mode, backend, workload) and judge each change (see the module docstring).
 
     With ``relative``, a case's verdict comes from its change relative to ``baseline`` (default:
     the base run's) where both runs have paired rounds; other cases are judged by time.
     """
-    key = lambda b: (b["extra_info"]["backend"], b["extra_info"]["workload"])  # noqa: E731
+    key = lambda b: (b["extra_info"]["backend"], b["extra_info"]["workload"], _mode(b))  # noqa: E731
     base_cases = {key(b): b for b in base.benchmarks}
     new_cases = {key(b): b for b in new.benchmarks}
     common = [k for k in base_cases if k in new_cases]
     if not common:
-        raise CompareError(f"{base.path} and {new.path} have no (backend, workload) case in common")
+        raise CompareError(f"{base.path} and {new.path} have no (mode, backend, workload) case in common")
     reference = baseline or base.baseline
     changes = []
     for k in common:
         a, b = _rounds(base, base_cases[k]), _rounds(new, new_cases[k])
         ratio = float(np.median(b) / np.median(a))
         low, high = bootstrap_ratio(a, b)
-        rel_a = _per_round_vs_baseline(base_cases[k], base_cases.get((reference, k[1])))
-        rel_b = _per_round_vs_baseline(new_cases[k], new_cases.get((reference, k[1])))
+        rel_a = _per_round_vs_baseline(base_cases[k], base_cases.get((reference, k[1], k[2])))
+        rel_b = _per_round_vs_baseline(new_cases[k], new_cases.get((reference, k[1], k[2])))
         rel = rel_low = rel_high = None
         if rel_a is not None and rel_b is not None:
             rel = float(np.median(rel_b) / np.median(rel_a))
@@ -202,6 +204,7 @@ def compare_runs(
                 relative_low=rel_low,
                 relative_high=rel_high,
                 basis=basis,
+                mode=k[2],
             )
         )
     changes.sort(key=lambda c: c.ratio, reverse=True)
@@ -210,10 +213,20 @@ def compare_runs(
         threshold,
         baseline=reference,
         relative=relative,
-        only_base=[k for k in base_cases if k not in new_cases],
-        only_new=[k for k in new_cases if k not in base_cases],
+        only_base=[_labelled(k) for k in base_cases if k not in new_cases],
+        only_new=[_labelled(k) for k in new_cases if k not in base_cases],
         differences=_differences(base, new),
     )
+
+
+def _mode(bench: dict[str, Any]) -> str:
+    return (bench.get("extra_info") or {}).get("mode", "forward")
+
+
+def _labelled(key: tuple[str, str, str]) -> tuple[str, str]:
+    """``(backend, workload)``, the workload marked with its mode unless forward."""
+    backend, workload, mode = key
+    return backend, workload if mode == "forward" else f"{workload} ({mode})"
 
 
 def _ms(seconds: float) -> str:
@@ -223,7 +236,9 @@ def _ms(seconds: float) -> str:
 def format_comparison(result: Comparison) -> str:
     """A Markdown table sorted by change (worst first), the geometric mean and any warnings."""
     with_relative = any(c.relative is not None for c in result.changes)
-    head = ["backend", "workload", "base median ms", "new median ms", "new/base", "95% CI"]
+    modes = any(c.mode != "forward" for c in result.changes)
+    head = ["backend", "workload", *(["mode"] if modes else []), "base median ms", "new median ms"]
+    head += ["new/base", "95% CI"]
     if with_relative:
         head += [f"vs {result.baseline}: new/base", "95% CI "]
     head.append("verdict")
@@ -232,6 +247,7 @@ def format_comparison(result: Comparison) -> str:
         row = [
             c.backend,
             c.workload,
+            *([c.mode] if modes else []),
             _ms(c.base_median),
             _ms(c.new_median),
             f"{c.ratio:.3f}",

@@ -15,11 +15,15 @@ from harness.bench.paired import speedup
 def add_derived(benchmarks: list[dict[str, Any]], baseline: str, bandwidth: dict[str, Any] | None) -> None:
     """Add ``speedup_vs_baseline`` (+ interval, per repeat, spread), ``gbps``, ``ids_per_s`` and
     ``bandwidth_fraction`` to each benchmark's ``extra_info``."""
-    base = {b["extra_info"]["workload"]: b for b in benchmarks if b["extra_info"].get("backend") == baseline}
+
+    def key(b: dict[str, Any]) -> tuple[str, str | None]:
+        return b["extra_info"].get("mode", "forward"), b["extra_info"].get("workload")
+
+    base = {key(b): b for b in benchmarks if b["extra_info"].get("backend") == baseline}
     for b in benchmarks:
         info = b["extra_info"]
         median = b["stats"]["median"]
-        ref = base.get(info.get("workload"))
+        ref = base.get(key(b))
         info["baseline"] = baseline
         s = speedup(b, ref) if ref is not None and median else None
         info["speedup_vs_baseline"] = s.speedup if s else None

@@ -24,7 +24,7 @@ import gc
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from harness.agreement import Outcome, Verdict, mark_known
+from harness.agreement import Outcome, Verdict
 from harness.backend import Backend
 from harness.bench.case import BenchCase
 from harness.bench.conditions import CacheFlush, background_load, cache_state
@@ -42,6 +42,7 @@ from harness.bench.metrics import environment, measure_copy_bandwidth
 from harness.bench.noise import DEFAULT_THRESHOLD, PROBE_DESCRIPTION, ReferenceKernel
 from harness.bench.record import build_output
 from harness.bench.timing import Slot, Timer, calibrate, plan_rounds, time_interleaved
+from harness.bench.training import TrainCase, options_json
 from harness.bench.workloads import Workload
 from harness.cases import known_discrepancy, load_cases
 from harness.validate import validate_problem
@@ -50,8 +51,8 @@ if TYPE_CHECKING:
     from harness.progress import Progress
 
 RUN_FORMAT = "jagbench-run/2"
-CASE_KINDS: dict[str, type[BenchCase]] = {"forward": ForwardCase}
-"""The kinds of case ``--mode`` chooses from; a training step or quantized lookup registers here."""
+CASE_KINDS: dict[str, type[BenchCase]] = {"forward": ForwardCase, "train": TrainCase}
+"""The kinds of case ``--mode`` chooses from (a quantized lookup would register here too)."""
 
 
 @dataclass
@@ -78,6 +79,8 @@ class BenchConfig:
     noise_threshold: float = DEFAULT_THRESHOLD
     probe: bool = True
     timer: Timer | None = None
+    case_options: Mapping[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the mode's case class (``--mode train``: ``optimizer``)."""
 
 
 @dataclass
@@ -171,6 +174,7 @@ class _Run:
         return {
             "format": RUN_FORMAT,
             "mode": c.mode,
+            "case_options": options_json(c.case_options),
             "bandwidth": self.bandwidth,
             "byte_model": self.kind.byte_model_text,
             "baseline": c.baseline,
@@ -221,7 +225,7 @@ class _Run:
                 call = case.prepare()
                 start = time.perf_counter()
                 result = call()  # first call: may compile; not timed
-                sync = torch.cuda.synchronize if getattr(result, "is_cuda", False) else None
+                sync = torch.cuda.synchronize if case.device_of(result).startswith("cuda") else None
                 one_call = time.perf_counter() - start
                 if one_call <= c.max_call_s:  # a second call, compiled, for the size of a round
                     start = time.perf_counter()
@@ -236,11 +240,12 @@ class _Run:
                 checked = case.check(result, c.check_samples)
                 observed = checked.observed and replace(checked.observed, backend=case.backend)
                 verdict = replace(checked, backend=case.backend.name, observed=observed)
-        verdict = mark_known([verdict], case.problem, self.known_cases)[0]
+        verdict = case.mark_known(verdict, self.known_cases)
         raised = result is None
         if verdict.outcome is Outcome.KNOWN and raised:
             explained = known_discrepancy(self.known_cases, case.backend.name, case.problem)
-            entry = {**record, "case": explained.name if explained else None, "detail": verdict.detail}
+            name = verdict.known_cases[0] if verdict.known_cases else explained.name if explained else None
+            entry = {**record, "case": name, "detail": verdict.detail}
             self.record("known", entry)
             self.note(
                 f"{case.backend.name} x {case.workload.name}: known discrepancy, not timed: {verdict.detail}"
@@ -299,7 +304,7 @@ class _Run:
         prepared = []
         for backend in c.backends:
             self.status(workload, repeat, checking=backend.name)
-            p = self.prepare(self.kind(backend, workload, problem, batch))
+            p = self.prepare(self.kind(backend, workload, problem, batch, **c.case_options))
             if p is not None:
                 prepared.append(p)
         if not prepared:

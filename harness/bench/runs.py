@@ -40,9 +40,14 @@ class Run:
     def baseline(self) -> str:
         return self.jagbench.get("baseline") or "torch"
 
-    def case(self, backend: str, workload: str) -> dict[str, Any] | None:
+    def case(self, backend: str, workload: str, mode: str = "forward") -> dict[str, Any] | None:
         for b in self.benchmarks:
-            if (b["extra_info"].get("backend"), b["extra_info"].get("workload")) == (backend, workload):
+            info = b["extra_info"]
+            if (info.get("backend"), info.get("workload"), info.get("mode", "forward")) == (
+                backend,
+                workload,
+                mode,
+            ):
                 return b
         return None
 

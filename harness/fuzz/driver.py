@@ -41,7 +41,7 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
 from harness.agreement import Oracle, Outcome, Verdict, check_backend, mark_known
-from harness.backend import Backend
+from harness.backend import Backend, table_dtypes
 from harness.cases import Case, load_cases, problem_to_json, save_case
 from harness.fuzz.coverage import buckets
 from harness.fuzz.metamorphic import RELATIONS, transformed_results, within
@@ -232,11 +232,12 @@ class _Found:
 
 
 def default_strategy(backend: object) -> st.SearchStrategy[Problem]:
-    """What a backend is fuzzed on unless told otherwise: `problems()`, limited to the table dtypes
-    the backend declares in an optional ``table_dtypes`` attribute (a quantized-only backend's
-    ``("int8", "int4", "int2")``, say: the default strategy holds quantized tables only now and then)."""
-    dtypes = getattr(backend, "table_dtypes", None)
-    return problems() if dtypes is None else problems(dtypes=tuple(dtypes))
+    """What a backend is fuzzed on unless told otherwise: `problems()` over the table dtypes the
+    backend declares in an optional ``table_dtypes`` attribute, by default the float dtypes only
+    (`harness.backend.table_dtypes`). A backend that reads quantized tables says so, e.g. ``table_dtypes =
+    TABLE_DTYPES`` (a quantized-only one ``("int8", "int4", "int2")``): a backend written before
+    quantized storage existed is not failed for not knowing it."""
+    return problems(dtypes=table_dtypes(backend))
 
 
 def fuzz_backend(

@@ -58,6 +58,7 @@ from harness.fuzz.problem_spec import (
 from harness.fuzz.quantized_rows import draw_table_dtype, packable
 from harness.model import (
     ID_DTYPES,
+    SUPPORTED_DTYPES,
     TABLE_DTYPES,
     JaggedBatch,
     Pooling,
@@ -278,7 +279,7 @@ _TABLE_DEFAULTS = {
     "max_features_per_table": 16,
     "max_dim": 1024,
     "max_num_embeddings": 100_000,
-    "dtypes": TABLE_DTYPES,
+    "dtypes": SUPPORTED_DTYPES,
     "poolings": (Pooling.SUM, Pooling.MEAN),
 }
 
@@ -374,7 +375,7 @@ def table_configs(
     max_features_per_table: int = 16,
     max_dim: int = 1024,
     max_num_embeddings: int = 100_000,
-    dtypes: Sequence[TableDtype] = TABLE_DTYPES,
+    dtypes: Sequence[TableDtype] = SUPPORTED_DTYPES,
     poolings: Sequence[Pooling] = (Pooling.SUM, Pooling.MEAN),
     max_cost: int = DEFAULT_MAX_COST,
 ) -> st.SearchStrategy[tuple[TableConfig, ...]]:
@@ -386,7 +387,10 @@ def table_configs(
     with smaller dims and rows within a kind. Dims: 1-8, powers of two, ``2^k - 1 / 2^k / 2^k + 1``,
     anything up to 256, now and then up to ``max_dim``; rows: 1-16, 17-1000, or up to
     ``max_num_embeddings``. Table elements stay under ``max_cost / 2``, the total dim under
-    ``max_cost / 8``.
+    ``max_cost / 8``. ``dtypes`` defaults to the float dtypes; it may add the quantized storages
+    ``"int8"``, ``"int4"``, ``"int2"`` (``dtypes=TABLE_DTYPES``: a kind is then quantized one time
+    in nine, its dim fitted to whole bytes of packed codes, `harness.fuzz.quantized_rows`).
+    Quantized storage is opt-in so that a user's float-only kernel is not failed by it.
     """
     o = _table_options(
         min_tables=min_tables,
@@ -631,7 +635,7 @@ def problem_specs(
     max_features_per_table: int = 16,
     max_dim: int = 1024,
     max_num_embeddings: int = 100_000,
-    dtypes: Sequence[TableDtype] = TABLE_DTYPES,
+    dtypes: Sequence[TableDtype] = SUPPORTED_DTYPES,
     poolings: Sequence[Pooling] = (Pooling.SUM, Pooling.MEAN),
     profiles: Sequence[str] = WEIGHT_PROFILES,
     weighted: bool | None = None,

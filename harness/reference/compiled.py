@@ -23,6 +23,7 @@ with a `ValueError`, never an out-of-bounds read. It runs on the calling thread.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -36,7 +37,10 @@ from harness.reference import rowwise
 from harness.tolerance import (
     FINITE,
     LONG_BAG,
+    NAN,
+    NEG_INF,
     OVERFLOW32,
+    POS_INF,
     bound_coefficients,
     classes_within_reach,
     overflow_reach,
@@ -145,6 +149,103 @@ def _signed_parts(rows, kind, ids, start, end, d, per_sample, weighted, scale):
     return pos, neg
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _accumulate(
+    rows,
+    kind,
+    ids,
+    start,
+    end,
+    ahead_end,
+    per_sample,
+    weighted,
+    scale,
+    long,
+    acc,
+    pos,
+    neg,
+    square,
+    bits,
+    err,
+):
+    """Add the terms of bag ``ids[start:end]`` to ``acc`` (the value), ``pos`` and ``neg`` (the signed
+    parts) and, for a ``long`` bag, ``square`` (the squared magnitudes), column by column in bag
+    order, from zero (the four arrays are a row long). Rows are prefetched `AHEAD` ids ahead while
+    that stays below ``ahead_end`` (ids read next: the rest of the feature, say). False, with
+    ``err`` filled, at an id outside the table (nothing is read there)."""
+    n_rows, dim = rows.shape
+    row_bytes = rows.strides[0]
+    base = _address(rows)
+    acc[:] = 0.0
+    pos[:] = 0.0
+    neg[:] = 0.0
+    if long:
+        square[:] = 0.0
+    for p in range(start, end):
+        i = ids[p]
+        if i < 0 or i >= n_rows:
+            err[0] = BAD_ID
+            err[1] = p
+            err[2] = i
+            err[3] = n_rows
+            return False
+        if p + AHEAD < ahead_end:
+            ahead = base + ids[p + AHEAD] * row_bytes
+            _prefetch(ahead)
+            if row_bytes > 64:
+                _prefetch(ahead + 64)
+        w = (np.float64(per_sample[p]) if weighted else 1.0) * scale
+        r = _widened_row(rows, kind, i, bits)
+        if long:
+            for d in range(dim):
+                t = np.float64(r[d]) * w
+                a = abs(t)
+                acc[d] += t
+                pos[d] += (a + t) * 0.5
+                neg[d] += (a - t) * 0.5
+                square[d] += a * a
+        else:
+            for d in range(dim):
+                t = np.float64(r[d]) * w
+                a = abs(t)
+                acc[d] += t
+                pos[d] += (a + t) * 0.5
+                neg[d] += (a - t) * 0.5
+    return True
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _bag_factors(n, is_mean):
+    """The tolerance's per-bag factors of a bag of ``n > 0`` ids, for `_element`: `bound_coefficients`
+    (MEAN's divided by ``n``, so that an element needs no division but its value's) and
+    `overflow_reach` of the undivided signed parts."""
+    tree_factor, plain, eta = bound_coefficients(n, is_mean)
+    if is_mean:
+        tree_factor, plain = tree_factor / n, plain / n
+    return tree_factor, plain, eta, overflow_reach(n, False)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _element(v, q, g, square, n, is_mean, factors):
+    """One element's ``(value, bound, classes)`` (`harness.tolerance`) from its bag's sums: ``v`` the
+    value, ``q`` and ``g`` the signed parts, ``square`` the squared magnitudes (a long bag's), over
+    ``n > 0`` ids; ``factors`` are the bag's `_bag_factors`. ``classes`` is -1 where ``v`` is not
+    finite: then the signed parts must be summed exactly (`_signed_parts`) for `classes_within_reach`.
+
+    element_bound(m / n, t / n, n, True) = (A / n)(t + m) + (B / n) m + C: no division but the
+    value's."""
+    tree_factor, plain, eta, reach = factors
+    m = q + g
+    t = tree_sum_bound(m, square, n) if n >= LONG_BAG else (n - 1) * m
+    value = v / n if is_mean else v
+    bound = tree_factor * (t + m) + plain * m + eta
+    if abs(v) < np.inf and m * reach < OVERFLOW32:
+        return value, bound, FINITE  # no order overflows: finite values only
+    if not abs(v) < np.inf:  # an infinite or NaN term: the caller sums the signed parts exactly
+        return value, bound, -1
+    return value, bound, classes_within_reach(v, q, g, reach)
+
+
 @numba.njit(cache=True, nogil=True)
 def _pool_table(
     rows,
@@ -167,10 +268,8 @@ def _pool_table(
     classes,
     err,
 ):
-    n_rows, dim = rows.shape
     n_ids = ids.shape[0]
-    row_bytes = rows.strides[0]
-    base = _address(rows)
+    dim = rows.shape[1]
     scale = _FLOAT16_SCALE if kind == FLOAT16 else 1.0
     acc = np.empty(dim)
     pos = np.empty(dim)
@@ -191,41 +290,25 @@ def _pool_table(
                 return
             n = end - start
             long = n >= LONG_BAG
-            acc[:] = 0.0
-            pos[:] = 0.0
-            neg[:] = 0.0
-            if long:
-                square[:] = 0.0
-            for p in range(start, end):
-                i = ids[p]
-                if i < 0 or i >= n_rows:
-                    err[0] = BAD_ID
-                    err[1] = p
-                    err[2] = i
-                    err[3] = n_rows
-                    return
-                if p + AHEAD < feature_end:
-                    ahead = base + ids[p + AHEAD] * row_bytes
-                    _prefetch(ahead)
-                    if row_bytes > 64:
-                        _prefetch(ahead + 64)
-                w = (np.float64(per_sample[p]) if weighted else 1.0) * scale
-                r = _widened_row(rows, kind, i, bits)
-                if long:
-                    for d in range(dim):
-                        t = np.float64(r[d]) * w
-                        a = abs(t)
-                        acc[d] += t
-                        pos[d] += (a + t) * 0.5
-                        neg[d] += (a - t) * 0.5
-                        square[d] += a * a
-                else:
-                    for d in range(dim):
-                        t = np.float64(r[d]) * w
-                        a = abs(t)
-                        acc[d] += t
-                        pos[d] += (a + t) * 0.5
-                        neg[d] += (a - t) * 0.5
+            if not _accumulate(
+                rows,
+                kind,
+                ids,
+                start,
+                end,
+                feature_end,
+                per_sample,
+                weighted,
+                scale,
+                long,
+                acc,
+                pos,
+                neg,
+                square,
+                bits,
+                err,
+            ):
+                return
             if n == 0:  # an empty bag pools to exactly zero, with bound zero
                 for d in range(dim):
                     value[s, col + d] = 0.0
@@ -239,26 +322,15 @@ def _pool_table(
                         tree_sum[s, col + d] = 0.0
                 continue
             if fused:
-                # element_bound(m / n, t / n, n, True) = (A / n)(t + m) + (B / n) m + C: no division
-                # per element but the value's.
-                tree_factor, plain, eta = bound_coefficients(n, is_mean)
-                if is_mean:
-                    tree_factor, plain = tree_factor / n, plain / n
-                reach = overflow_reach(n, False)
+                factors = _bag_factors(n, is_mean)
                 for d in range(dim):
-                    v = acc[d]
-                    m = pos[d] + neg[d]
-                    t = tree_sum_bound(m, square[d], n) if long else (n - 1) * m
-                    c = col + d
-                    value[s, c] = v / n if is_mean else v
-                    bound[s, c] = tree_factor * (t + m) + plain * m + eta
-                    if abs(v) < np.inf and m * reach < OVERFLOW32:
-                        classes[s, c] = FINITE  # no order overflows: finite values only
-                    else:
-                        q, g = pos[d], neg[d]
-                        if not abs(v) < np.inf:  # an infinite or NaN term: the signed parts exactly
-                            q, g = _signed_parts(rows, kind, ids, start, end, d, per_sample, weighted, scale)
-                        classes[s, c] = classes_within_reach(v, q, g, reach)
+                    v, b, c = _element(acc[d], pos[d], neg[d], square[d], n, is_mean, factors)
+                    if c < 0:
+                        q, g = _signed_parts(rows, kind, ids, start, end, d, per_sample, weighted, scale)
+                        c = classes_within_reach(acc[d], q, g, factors[3])
+                    value[s, col + d] = v
+                    bound[s, col + d] = b
+                    classes[s, col + d] = c
                 continue
             for d in range(dim):
                 if not np.isfinite(acc[d]):  # an infinite or NaN term: the signed parts exactly
@@ -297,9 +369,229 @@ def _int64_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy() if t.is_contiguous() else t.contiguous().numpy()
 
 
+@intrinsic
+def _float32_at(typingctx, address):  # noqa: ARG001
+    """``address`` (int64) as a pointer to float32."""
+    if not isinstance(address, numba.types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+    return numba.types.CPointer(numba.types.float32)(address), codegen
+
+
+@intrinsic
+def _uint16_at(typingctx, address):  # noqa: ARG001
+    """``address`` (int64) as a pointer to uint16 (a 16-bit table's raw values)."""
+    if not isinstance(address, numba.types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+    return numba.types.CPointer(numba.types.uint16)(address), codegen
+
+
+@numba.njit(cache=True, nogil=True)
+def _class_of(x):
+    if x != x:
+        return NAN
+    if x == np.inf:
+        return POS_INF
+    if x == -np.inf:
+        return NEG_INF
+    return FINITE
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _judge(r, x, v, b, c, i, has_other, state):
+    """Fold element ``i`` into ``state`` = (worst ratio, its index, its reference, bound and classes,
+    its result, elements that may overflow, first index apart). ``r`` is the result, ``v``, ``b``
+    and ``c`` the element's reference, bound and classes, ``x`` the other result (``has_other``).
+
+    The ratio is `harness.tolerance.compare`'s, in the same (row-major) order with the same
+    arithmetic, so the worst element is the one it reports; "apart" is `first_apart`'s test."""
+    worst, at, ref, bound, classes, got, overflow, apart = state
+    c = np.int64(c)
+    if c & FINITE and c != FINITE:
+        overflow += 1
+    if c & FINITE and abs(r) < np.inf:
+        e = abs(r - v)
+        if e > worst * b:
+            ratio = e / b if b > 0.0 else np.inf
+            if ratio > worst:
+                worst, at, ref, bound, classes, got = ratio, i, v, b, c, r
+    else:
+        kind = _class_of(r)
+        if not c & kind:
+            ratio = np.inf
+        elif kind != FINITE:
+            ratio = 0.0
+        else:
+            e = abs(r - v)
+            ratio = 0.0 if e == 0.0 else (e / b if b > 0.0 else np.inf)
+        if ratio > worst:
+            worst, at, ref, bound, classes, got = ratio, i, v, b, c, r
+    if i == 0 and at == 0:  # the element compare reports when none is off: the first
+        ref, bound, classes, got = v, b, c, r
+    if has_other and apart < 0:
+        if not c & _class_of(x) or not c & _class_of(r):
+            apart = i
+        elif abs(x) < np.inf and abs(r) < np.inf and abs(x - r) > 2.0 * b:
+            apart = i
+    return worst, at, ref, bound, classes, got, overflow, apart
+
+
+PRECOMPUTED = 3
+"""The kind of a `check` block whose value, bound and classes come computed (a quantized table's)."""
+
+
+@numba.njit(cache=True, nogil=True)
+def _check(
+    blocks,
+    ids,
+    offsets,
+    per_sample,
+    weighted,
+    batch_size,
+    result,
+    other,
+    has_other,
+    pre,
+    pre_classes,
+    out,
+    err,
+):
+    """Judge ``result`` element by element, row by row, against each bag's float64 value and
+    tolerance, computed on the fly (`_accumulate`, `_element`) and never stored; `_judge` folds
+    each element into the outcome, written to ``out`` (the fields of `Checked`).
+
+    ``blocks`` has a row per feature in output column order: kind, feature (batch key index),
+    first column, dim, table rows, MEAN, the column in ``pre`` (a `PRECOMPUTED` block's) and the
+    address of the table's rows (`_storage`, kept alive by the caller)."""
+    n_ids = ids.shape[0]
+    width = result.shape[1]
+    max_dim = 1
+    for j in range(blocks.shape[0]):
+        max_dim = max(max_dim, blocks[j, 3])
+    acc = np.empty(max_dim)
+    pos = np.empty(max_dim)
+    neg = np.empty(max_dim)
+    square = np.empty(max_dim)
+    bits = np.empty(max_dim, np.uint32)
+    state = (0.0, 0, 0.0, 0.0, 0, np.float32(0.0), 0, -1)
+    for s in range(batch_size):
+        for j in range(blocks.shape[0]):
+            kind = blocks[j, 0]
+            bag = blocks[j, 1] * batch_size + s
+            col = blocks[j, 2]
+            dim = blocks[j, 3]
+            first = s * width + col
+            if kind == PRECOMPUTED:
+                pc = blocks[j, 6]
+                for d in range(dim):
+                    x = other[s, col + d] if has_other else np.float32(0.0)
+                    state = _judge(
+                        result[s, col + d],
+                        x,
+                        pre[0, s, pc + d],
+                        pre[1, s, pc + d],
+                        pre_classes[s, pc + d],
+                        first + d,
+                        has_other,
+                        state,
+                    )
+                continue
+            start = offsets[bag]
+            end = offsets[bag + 1]
+            if start < 0 or end < start or end > n_ids:
+                err[0] = BAD_BAG
+                err[1] = bag
+                err[4] = j
+                return
+            n = end - start
+            is_mean = blocks[j, 5] != 0
+            scale = _FLOAT16_SCALE if kind == FLOAT16 else 1.0
+            a, q, g, sq, bt = acc[:dim], pos[:dim], neg[:dim], square[:dim], bits[:dim]
+            n_rows = blocks[j, 4]
+            if kind == FLOAT32:
+                rows32 = numba.carray(_float32_at(blocks[j, 7]), (n_rows, dim))
+                ok = _accumulate(
+                    rows32,
+                    kind,
+                    ids,
+                    start,
+                    end,
+                    end,
+                    per_sample,
+                    weighted,
+                    scale,
+                    n >= LONG_BAG,
+                    a,
+                    q,
+                    g,
+                    sq,
+                    bt,
+                    err,
+                )
+            else:
+                rows16 = numba.carray(_uint16_at(blocks[j, 7]), (n_rows, dim))
+                ok = _accumulate(
+                    rows16,
+                    kind,
+                    ids,
+                    start,
+                    end,
+                    end,
+                    per_sample,
+                    weighted,
+                    scale,
+                    n >= LONG_BAG,
+                    a,
+                    q,
+                    g,
+                    sq,
+                    bt,
+                    err,
+                )
+            if not ok:
+                err[4] = j
+                return
+            if n == 0:  # an empty bag pools to exactly zero, with bound zero
+                for d in range(dim):
+                    x = other[s, col + d] if has_other else np.float32(0.0)
+                    state = _judge(result[s, col + d], x, 0.0, 0.0, FINITE, first + d, has_other, state)
+                continue
+            factors = _bag_factors(n, is_mean)
+            for d in range(dim):
+                v, b, c = _element(a[d], q[d], g[d], sq[d], n, is_mean, factors)
+                if c < 0:
+                    if kind == FLOAT32:
+                        rows32 = numba.carray(_float32_at(blocks[j, 7]), (n_rows, dim))
+                        qd, gd = _signed_parts(rows32, kind, ids, start, end, d, per_sample, weighted, scale)
+                    else:
+                        rows16 = numba.carray(_uint16_at(blocks[j, 7]), (n_rows, dim))
+                        qd, gd = _signed_parts(rows16, kind, ids, start, end, d, per_sample, weighted, scale)
+                    c = classes_within_reach(a[d], qd, gd, factors[3])
+                x = other[s, col + d] if has_other else np.float32(0.0)
+                state = _judge(result[s, col + d], x, v, b, c, first + d, has_other, state)
+    worst, at, ref, bound, classes, got, overflow, apart = state
+    out[0] = worst
+    out[1] = at
+    out[2] = ref
+    out[3] = bound
+    out[4] = classes
+    out[5] = got
+    out[6] = overflow
+    out[7] = apart
+
+
 FIELDS = ("value", "magnitude", "positive", "negative", "tree_sum")
 _UNUSED_F64 = np.zeros((1, 1), np.float64)
 _UNUSED_U8 = np.zeros((1, 1), np.uint8)
+_UNUSED_F32 = np.zeros((1, 1), np.float32)
+_UNUSED_PRE = np.zeros((2, 1, 1), np.float64)
 _NO_WEIGHTS = np.zeros(1, np.float32)
 
 
@@ -385,6 +677,154 @@ def pool(
     out = {"value": value}
     out.update({"bound": bound, "classes": classes} if fused else stats)
     return {name: torch.from_numpy(a) for name, a in out.items()}
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What `check` found: the worst element as `harness.tolerance.compare` reports it (its flat
+    index, ratio, result, reference, bound and classes), the elements that may overflow, and the
+    first element (flat index, -1 for none) where the other result cannot also be right."""
+
+    worst_ratio: float
+    worst_index: int
+    worst_value: float
+    worst_reference: float
+    worst_bound: float
+    worst_classes: int
+    may_overflow: int
+    apart: int
+
+
+def check(
+    tables: Sequence[TableConfig],
+    weights: Mapping[str, torch.Tensor],
+    batch: JaggedBatch,
+    result: torch.Tensor,
+    other: torch.Tensor | None = None,
+) -> Checked:
+    """Judge a float32 ``[batch, total_dim]`` ``result`` against the float64 reference and its
+    tolerance in one pass that keeps no reference value (the oracle's arithmetic, `_check`): the
+    same ratios, worst element and overflow count as ``compare(result, oracle.reference.value,
+    oracle.tolerance)`` with ``oracle = Oracle.of(...)``; and, given ``other`` (float32, the same
+    shape: another result of the same backend, e.g. after a metamorphic transformation), the
+    first element where the two cannot both be right (`harness.tolerance.first_apart`).
+
+    ``check_inputs(...).run()``: the inputs are made on the calling thread (torch calls, a
+    quantized table's columns by its own pass, `rowwise`) and `CheckInputs.run` is one compiled
+    call that holds no lock of Python's, so another thread may run it. Safe on unchecked input
+    like `pool`."""
+    return check_inputs(tables, weights, batch, result, other).run()
+
+
+@dataclass(frozen=True, eq=False)
+class CheckInputs:
+    """What `_check` reads, as numpy arrays (the tables' rows by address: ``alive`` holds them)."""
+
+    tables: tuple[TableConfig, ...]
+    batch: JaggedBatch
+    args: tuple
+    alive: tuple
+
+    def run(self) -> Checked:
+        """Run the check (one compiled call, without Python's lock)."""
+        out = np.zeros(8, np.float64)
+        err = np.zeros(5, np.int64)  # _raise's four fields, then the block
+        if self.args[5] > 0 and self.args[6].shape[1] > 0:
+            _check(*self.args, out, err)
+        if err[0] != OK:
+            _raise(self.batch, self.tables[_table_of_block(self.tables, int(err[4]))], err[:4])
+        return Checked(
+            worst_ratio=float(out[0]),
+            worst_index=int(out[1]),
+            worst_value=float(out[5]),
+            worst_reference=float(out[2]),
+            worst_bound=float(out[3]),
+            worst_classes=int(out[4]),
+            may_overflow=int(out[6]),
+            apart=int(out[7]),
+        )
+
+
+def check_inputs(
+    tables: Sequence[TableConfig],
+    weights: Mapping[str, torch.Tensor],
+    batch: JaggedBatch,
+    result: torch.Tensor,
+    other: torch.Tensor | None = None,
+) -> CheckInputs:
+    """The inputs of `check` (see there), ready to `CheckInputs.run`."""
+    tables = tuple(tables)
+    b = batch.batch_size
+    ids = _int64_numpy(batch.values)
+    lengths = _int64_numpy(batch.lengths)
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    weighted = batch.weights is not None
+    per_sample = batch.weights.detach().contiguous().numpy() if weighted else _NO_WEIGHTS
+    key_index = {k: i for i, k in enumerate(batch.keys)}
+    pre_width = sum(t.embedding_dim * len(t.feature_names) for t in tables if is_quantized(t))
+    pre = np.empty((2, b, pre_width), np.float64) if pre_width and b else _UNUSED_PRE
+    pre_classes = np.empty((b, pre_width), np.uint8) if pre_width and b else _UNUSED_U8
+    blocks = np.empty((sum(len(t.feature_names) for t in tables), 8), np.int64)
+    err = np.zeros(4, np.int64)
+    alive, j, col, pre_col = [], 0, 0, 0
+    for t in tables:
+        missing = [f for f in t.feature_names if f not in key_index]
+        if missing:
+            raise ValueError(f"feature {missing[0]!r} of table {t.name!r} is not in the batch")
+        dim, n = t.embedding_dim, len(t.feature_names)
+        features = [key_index[f] for f in t.feature_names]
+        mean = t.pooling is Pooling.MEAN
+        if is_quantized(t):
+            if b > 0:
+                rowwise.pool_table(
+                    weights[t.name],
+                    ids,
+                    offsets,
+                    per_sample,
+                    weighted,
+                    np.array(features, np.int64),
+                    np.arange(pre_col, pre_col + dim * n, dim, dtype=np.int64),
+                    b,
+                    mean,
+                    True,
+                    pre[0],
+                    _UNUSED_F64,
+                    _UNUSED_F64,
+                    _UNUSED_F64,
+                    _UNUSED_F64,
+                    pre[1],
+                    pre_classes,
+                    err,
+                )
+                if err[0] != OK:
+                    _raise(batch, t, err)
+            kind, rows, address = PRECOMPUTED, 0, 0
+        else:
+            storage = _storage(weights[t.name])
+            alive.append(storage)
+            kind, rows, address = _KIND[t.dtype], storage.shape[0], storage.ctypes.data
+        for k, f in enumerate(features):
+            blocks[j] = (kind, f, col + k * dim, dim, rows, mean, pre_col + k * dim, address)
+            j += 1
+        col += dim * n
+        if kind == PRECOMPUTED:
+            pre_col += dim * n
+    got = result.detach().to("cpu").contiguous().numpy()
+    has_other = other is not None
+    second = other.detach().to("cpu").contiguous().numpy() if has_other else _UNUSED_F32
+    alive += [got, second, ids, per_sample]
+    args = (blocks, ids, offsets, per_sample, weighted, b, got, second, has_other, pre, pre_classes)
+    return CheckInputs(tables, batch, args, tuple(alive))
+
+
+def _table_of_block(tables: Sequence[TableConfig], block: int) -> int:
+    """The index of the table of `check`'s ``block`` (blocks are the tables' features in order)."""
+    for i, t in enumerate(tables):
+        if block < len(t.feature_names):
+            return i
+        block -= len(t.feature_names)
+    raise AssertionError("no such block")
 
 
 def _raise(batch: JaggedBatch, table: TableConfig, err: np.ndarray) -> None:

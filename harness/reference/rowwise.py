@@ -75,7 +75,6 @@ def _pool_quantized_table(
     pos = np.empty(dim)
     neg = np.empty(dim)
     square = np.empty(dim)
-    largest = np.empty(dim)
     for j in range(features.shape[0]):
         f = features[j]
         col = first_cols[j]
@@ -94,7 +93,6 @@ def _pool_quantized_table(
             pos[:] = 0.0
             neg[:] = 0.0
             square[:] = 0.0
-            largest[:] = 0.0
             for p in range(start, end):
                 i = ids[p]
                 if i < 0 or i >= n_rows:
@@ -117,7 +115,6 @@ def _pool_quantized_table(
                     pos[d], neg[d] = _signed(tc, pos[d], neg[d])
                     if long:
                         square[d] += wb * wb + tc * tc
-                        largest[d] = max(largest[d], abs(wb), abs(tc))
             if n == 0:  # an empty bag pools to exactly zero, with bound zero
                 for d in range(dim):
                     value[s, col + d] = 0.0
@@ -137,7 +134,7 @@ def _pool_quantized_table(
                 reach = overflow_reach(n, False, TERMS_PER_ID)
             for d in range(dim):
                 m = pos[d] + neg[d]
-                t = tree_sum_bound(m, square[d], largest[d], terms) if long else (terms - 1) * m
+                t = tree_sum_bound(m, square[d], terms) if long else (terms - 1) * m
                 v = acc[d]
                 c = col + d
                 if fused:

@@ -1,5 +1,10 @@
 """`jagbench report`: one or more runs -> ``report.md`` + PNG plots + a self-contained ``report.html``.
 
+Cases are keyed by (mode, backend, workload): a run of ``jagbench bench --mode train`` (training
+steps) and one of the forward lookup are shown side by side in sections of their own (summary,
+plots, every case), each with its own byte model; the known discrepancies, forward and training,
+close the report.
+
 `write_report` takes ``extra_sections``: Markdown texts (each starting with its own ``## `` heading)
 appended to both pages; the robustness matrix enters the report through it (``--robustness FILE``).
 """
@@ -19,6 +24,7 @@ from harness.bench.metrics import BYTE_MODEL
 from harness.bench.paired import speedup
 from harness.bench.runs import Run
 from harness.bench.summary import conditions_text, per_repeat_text, speedup_text, spread_pairs, spread_table
+from harness.bench.training import TRAIN_BYTE_MODEL
 from harness.cases import CASES_DIR, load_cases
 from harness.markdown import markdown_table
 
@@ -41,26 +47,40 @@ class Row:
     speedup_interval: tuple[float, float] | None = None
     by_repeat: tuple[float, ...] = ()
     spread: float | None = None
+    mode: str = "forward"
+
+
+MODE_TITLES = {"forward": "Forward lookup", "train": "Training step (`--mode train`)"}
+MODE_SHORT = {"forward": "forward lookup", "train": "training step"}
+MODE_BYTE_MODELS = {"forward": BYTE_MODEL, "train": TRAIN_BYTE_MODEL}
+
+
+def _mode(b: dict[str, Any]) -> str:
+    return b["extra_info"].get("mode", "forward")
 
 
 def _rows(runs: Sequence[Run], baseline: str | None) -> list[Row]:
-    seen: dict[tuple[str, str], int] = {}
+    seen: dict[tuple[str, str, str], int] = {}
     for run in runs:
         for b in run.benchmarks:
-            key = (b["extra_info"]["backend"], b["extra_info"]["workload"])
+            key = (_mode(b), b["extra_info"]["backend"], b["extra_info"]["workload"])
             seen[key] = seen.get(key, 0) + 1
     rows = []
     for run in runs:
         base = baseline or run.baseline
-        ref = {b["extra_info"]["workload"]: b for b in run.benchmarks if b["extra_info"]["backend"] == base}
+        ref = {
+            (_mode(b), b["extra_info"]["workload"]): b
+            for b in run.benchmarks
+            if b["extra_info"]["backend"] == base
+        }
         for b in run.benchmarks:
             info, stats = b["extra_info"], b["stats"]
             median = stats["median"]
-            clash = seen[(info["backend"], info["workload"])] > 1
+            clash = seen[(_mode(b), info["backend"], info["workload"])] > 1
             label = f"{info['backend']} [{run.path.stem}]" if clash else info["backend"]
             gbps = info["bytes"] / median / 1e9
             bw = run.bandwidth_gbps
-            r = ref.get(info["workload"])
+            r = ref.get((_mode(b), info["workload"]))
             s = speedup(b, r) if r is not None else None  # paired rounds when the run has them
             rows.append(
                 Row(
@@ -78,9 +98,16 @@ def _rows(runs: Sequence[Run], baseline: str | None) -> list[Row]:
                     speedup_interval=(s.low, s.high) if s and s.low is not None else None,
                     by_repeat=s.by_repeat if s else (),
                     spread=s.spread if s else None,
+                    mode=_mode(b),
                 )
             )
     return rows
+
+
+def modes_of(rows: Sequence[Row]) -> list[str]:
+    """The modes present, forward first."""
+    present = {r.mode for r in rows}
+    return [m for m in MODE_TITLES if m in present] + sorted(present - set(MODE_TITLES))
 
 
 def _order(items: Sequence[str]) -> list[str]:
@@ -156,6 +183,13 @@ def method_section(runs: Sequence[Run]) -> str:
             out += ["- timed one case after another (a run made before interleaving): no paired rounds", ""]
             continue
         m = section["method"]
+        optimizer = (section.get("case_options") or {}).get("optimizer")
+        if section.get("mode") == "train" and optimizer:
+            out.append(
+                f"- training steps (`--mode train`): {_optimizer_text(optimizer)}; each round continues the "
+                "backend's weights and optimizer state (prepared once); one sampled step checked by "
+                "`check_training` before timing"
+            )
         out.append(
             f"- {conditions_text(section)} Rounds per workload: from {m.get('min_rounds')} to "
             f"{m.get('max_rounds')}, {m.get('warmup_rounds')} warm-up round(s) first; a backend's span in a "
@@ -185,6 +219,15 @@ def method_section(runs: Sequence[Run]) -> str:
                 "",
             ]
     return "\n".join(out)
+
+
+def _optimizer_text(o: dict[str, Any]) -> str:
+    text = f"{o.get('kind')} lr={o.get('learning_rate')}"
+    if o.get("kind") != "sgd":
+        text += f" eps={o.get('eps')}"
+    if o.get("weight_decay_mode", "none") != "none":
+        text += f" {o['weight_decay_mode']} weight_decay={o.get('weight_decay')}"
+    return text
 
 
 def _palette(n: int) -> Any:
@@ -302,13 +345,39 @@ def environment_section(runs: Sequence[Run]) -> str:
     return "\n".join(lines)
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "/").replace("\n", " ")
+
+
+def known_training_section(directory: Path = CASES_DIR) -> str:
+    """The known training discrepancies (``cases/known/training/``), one line each."""
+    from harness.training.cases import load_training_cases
+
+    cases = [
+        c for c in load_training_cases(directory / "known" / "training") if c.kind == "known-discrepancy"
+    ]
+    if not cases:
+        return "None recorded."
+    return markdown_table(
+        ["case", "backend", "summary", "model (what is checked)", "status"],
+        [
+            [
+                c.name,
+                c.backend,
+                _cell(c.summary),
+                _cell(c.model.describe()),
+                "reproduced" if c.reproduced else "never reproduced: explains nothing",
+            ]
+            for c in cases
+        ],
+    )
+
+
 def known_section(directory: Path = CASES_DIR) -> str:
     cases = [c for c in load_cases(directory) if c.kind == "known-discrepancy"]
     if not cases:
         return "None recorded."
-
-    def cell(text: str) -> str:
-        return text.replace("|", "/").replace("\n", " ")
+    cell = _cell
 
     return markdown_table(
         ["case", "backend", "summary", "model (what is checked)", "status"],
@@ -328,19 +397,28 @@ def known_section(directory: Path = CASES_DIR) -> str:
 def problems_section(runs: Sequence[Run]) -> str:
     out = []
     for run in runs:
+        mode = run.jagbench.get("mode", "forward")
+        tag = "" if mode == "forward" else f"[{MODE_SHORT.get(mode, mode)}] "
         for k in run.jagbench.get("known", []):
             out.append(
-                f"- known discrepancy, not timed: {k['backend']} x {k['workload']}: case `{k.get('case')}`: "
-                f"{k.get('detail', '')}"
+                f"- {tag}known discrepancy, not timed: {k['backend']} x {k['workload']}: "
+                f"case `{k.get('case')}`: {k.get('detail', '')}"
             )
         for f in run.jagbench.get("failed", []):
             out.append(
-                f"- FAILED the reference check (not timed): {f['backend']} x {f['workload']}: "
+                f"- {tag}FAILED the reference check (not timed): {f['backend']} x {f['workload']}: "
                 f"{f['outcome']}: {f['detail']}"
             )
         for u in run.jagbench.get("unsupported", []):
-            out.append(f"- not run: {u['backend']} x {u['workload']}: {u['reason']}")
+            out.append(f"- {tag}not run: {u['backend']} x {u['workload']}: {u['reason']}")
     return "\n".join(out) or "Every case ran and agreed with the reference."
+
+
+def _mode_heading(mode: str, modes: Sequence[str]) -> list[str]:
+    """A ``###`` heading per mode when the report has several (or only training)."""
+    if modes == ["forward"]:
+        return []
+    return [f"### {MODE_TITLES.get(mode, mode)}", ""]
 
 
 def build_markdown(
@@ -348,8 +426,7 @@ def build_markdown(
 ) -> str:
     base = baseline or runs[0].baseline
     rows = _rows(runs, baseline)
-    plain = [r for r in rows if not r.params.get("family")]
-    swept = [r for r in rows if r.params.get("family")]
+    modes = modes_of(rows) or ["forward"]
     parts = [
         "# jagbench benchmark report",
         "",
@@ -365,14 +442,22 @@ def build_markdown(
         "## Summary",
         "",
     ]
-    if plain:
-        parts += [summary_matrix(plain), ""]
-    if swept:
-        parts += ["Sweeps:", "", summary_matrix(swept), ""]
+    for mode in modes:
+        mine = [r for r in rows if r.mode == mode]
+        plain = [r for r in mine if not r.params.get("family")]
+        swept = [r for r in mine if r.params.get("family")]
+        parts += _mode_heading(mode, modes)
+        if plain:
+            parts += [summary_matrix(plain), ""]
+        if swept:
+            parts += ["Sweeps:", "", summary_matrix(swept), ""]
+        which = f" ({mode})" if len(modes) > 1 else ""
+        parts += [
+            f"Byte model{which}: {MODE_BYTE_MODELS.get(mode, 'see the run')}. "
+            "Latency is the median of the timed rounds; IQR is their interquartile range.",
+            "",
+        ]
     parts += [
-        f"Byte model: {BYTE_MODEL}. "
-        "Latency is the median of the timed rounds; IQR is their interquartile range.",
-        "",
         "## Method, conditions and noise",
         "",
         method_section(runs),
@@ -380,21 +465,21 @@ def build_markdown(
         "",
     ]
     parts += [f"![{title}]({name})\n" for title, name in images.items()]
+    parts += ["## Problems", "", problems_section(runs), "", "## Every case", ""]
+    for mode in modes:
+        parts += _mode_heading(mode, modes)
+        parts += [detail_table([r for r in rows if r.mode == mode], base), ""]
     parts += [
-        "## Problems",
-        "",
-        problems_section(runs),
-        "",
-        "## Every case",
-        "",
-        detail_table(rows, base),
-        "",
         "## Environment",
         "",
         environment_section(runs),
         "## Known discrepancies (found by fuzzing, `cases/known/`)",
         "",
         known_section(),
+        "",
+        "### Training (`cases/known/training/`)",
+        "",
+        known_training_section(),
         "",
     ]
     for section in extra_sections:
@@ -474,28 +559,38 @@ def write_report(
         raise ValueError("write_report needs at least one run")
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = _rows(runs, baseline)
-    plain = [r for r in rows if not r.params.get("family")] or rows
     bandwidth = runs[0].bandwidth_gbps
     pngs: dict[str, bytes] = {}
     titles: dict[str, str] = {}
-    if rows:
-        pngs["throughput.png"] = _bars(
-            plain, "gbps", "GB/s (byte model)", "Throughput per backend and workload", ceiling=bandwidth
+    modes = modes_of(rows)
+    for mode in modes:
+        mine = [r for r in rows if r.mode == mode]
+        plain = [r for r in mine if not r.params.get("family")] or mine
+        suffix = "" if mode == "forward" else f"-{mode}"
+        what = "" if modes == ["forward"] else f" ({MODE_SHORT.get(mode, mode)})"
+        pngs[f"throughput{suffix}.png"] = _bars(
+            plain,
+            "gbps",
+            "GB/s (byte model)",
+            f"Throughput per backend and workload{what}",
+            ceiling=bandwidth,
         )
-        titles["Throughput per backend and workload (GB/s; dashed: copy bandwidth)"] = "throughput.png"
+        titles[f"Throughput per backend and workload{what} (GB/s; dashed: copy bandwidth)"] = (
+            f"throughput{suffix}.png"
+        )
         if bandwidth:
-            pngs["bandwidth-fraction.png"] = _bars(
+            pngs[f"bandwidth-fraction{suffix}.png"] = _bars(
                 [r for r in plain if r.fraction is not None],
                 "fraction",
                 "fraction of measured copy bandwidth",
-                "Fraction of the bandwidth ceiling",
+                f"Fraction of the bandwidth ceiling{what}",
                 ceiling=None,
             )
-            titles["Fraction of the measured copy bandwidth"] = "bandwidth-fraction.png"
-        scaling = _scaling(rows)
+            titles[f"Fraction of the measured copy bandwidth{what}"] = f"bandwidth-fraction{suffix}.png"
+        scaling = _scaling(mine)
         if scaling is not None:
-            pngs["scaling.png"] = scaling
-            titles["Scaling with B, L, D and id skew (sweeps)"] = "scaling.png"
+            pngs[f"scaling{suffix}.png"] = scaling
+            titles[f"Scaling with B, L, D and id skew (sweeps){what}"] = f"scaling{suffix}.png"
     md = build_markdown(runs, baseline, titles, list(extra_sections or []))
     written = []
     for name, data in pngs.items():

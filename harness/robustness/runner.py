@@ -38,7 +38,13 @@ from typing import Any
 
 import torch
 
-from harness.backend import BUILTIN_BACKENDS, BackendSpecError, BackendUnavailable, load_backend
+from harness.backend import (
+    BUILTIN_BACKENDS,
+    BackendSpecError,
+    BackendUnavailable,
+    load_backend,
+    undeclared_dtypes,
+)
 from harness.quantized import QuantizedTable
 from harness.robustness.inputs import RawProblem, build_base, build_input, load_catalogue
 
@@ -215,6 +221,9 @@ def _run_input(backend: Any, catalogue: Any, name: str) -> dict[str, Any]:
 
 def _run_case(backend: Any, base: RawProblem, problem: RawProblem) -> dict[str, Any]:
     msg: dict[str, Any] = {"mutated": []}
+    undeclared = undeclared_dtypes(backend, base.tables)
+    if undeclared is not None:
+        return {"outcome": "unsupported", "message": undeclared}
     _mark("supports")
     try:
         reason = backend.supports(base.tables, base.batch)

@@ -1,7 +1,10 @@
-"""Training cases: known training discrepancies of third-party libraries, saved as replayable JSON.
+"""Training cases: known training discrepancies of third-party libraries and training regressions,
+saved as replayable JSON.
 
-They live under ``cases/known/training/`` (a folder of their own: the forward case loader,
-`harness.cases.case_files`, reads only the files directly under ``cases/known/``). The format is
+Known discrepancies live under ``cases/known/training/``, regressions (a minimised failure of
+``jagbench fuzz --mode train``, kept once fixed) under ``cases/regressions/training/``: folders of
+their own, since the forward case loader, `harness.cases.case_files`, reads only the files
+directly under ``cases/known/`` and ``cases/regressions/``. The format is
 the forward cases' ``jagbench-case/2`` (`harness.cases`) with ``"mode": "train"``, a training
 model (`harness.training.known`) and a training problem::
 
@@ -20,6 +23,12 @@ model (`harness.training.known`) and a training problem::
 layout, so its tables, weights and batch read the same way); each step's ``batch`` is ``null``
 for that first batch again, or a batch in the same layout. grad_output values are stored exactly
 (JSON floats round-trip float32).
+
+A regression (``"kind": "regression"``, ``"expect": "agree"``) has no model, scope or
+``reproduced``: its backend must agree with the contract on it (or fail only as its known cases
+explain). A regression found by a metamorphic relation alone (no reference value was wrong) names
+it, ``"relation": {"name": "permute", "seed": 7}`` (`harness.training.metamorphic`): replaying
+checks the relation too.
 
 Scope keys: the forward ones (`harness.cases.scope_matches`, which must hold for some step's
 forward problem), and ``optimizer_kinds`` (the optimizer's kind is one of these),
@@ -65,8 +74,10 @@ from harness.training.problem import StepInput, TrainingProblem
 from harness.training.validate import validate_training_problem
 
 TRAINING_CASES_DIR = CASES_DIR / "known" / "training"
+TRAINING_REGRESSIONS_DIR = CASES_DIR / "regressions" / "training"
 TRAINING_SCOPE_KEYS = ("optimizer_kinds", "weight_decay_modes", "decays")
 EXPECTATIONS = ("disagree", "raised")
+"""What a known training discrepancy may expect (a regression expects "agree")."""
 
 
 def _floats(rows: torch.Tensor) -> list[list[float]]:
@@ -132,54 +143,70 @@ class TrainingCase:
     summary: str
     expect: str
     problem: TrainingProblem
-    model: Model
+    model: Model | None
     scope: dict[str, Any] = field(default_factory=dict)
     reproduced: bool = True
     found: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    kind: str = "known-discrepancy"
+    """``known-discrepancy`` (with a model) or ``regression`` (no model; expects "agree")."""
+    relation: dict[str, Any] | None = None
+    """A regression found by a metamorphic relation: ``{"name": ..., "seed": ...}``."""
 
     def in_scope(self, backend: str, problem: TrainingProblem) -> bool:
-        """Whether ``backend`` on ``problem`` is within this case's scope (necessary, not sufficient:
-        its model must explain the run)."""
-        return backend == self.backend and training_scope_matches(self.scope, problem)
+        """Whether ``backend`` on ``problem`` is within this known case's scope (necessary, not
+        sufficient: its model must explain the run); never for a regression."""
+        return (
+            self.kind == "known-discrepancy"
+            and backend == self.backend
+            and training_scope_matches(self.scope, problem)
+        )
 
     @property
     def id_policy(self) -> str:
         return self.problem.metadata.get("id_policy", "reject")
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "format": FORMAT,
             "mode": "train",
             "name": self.name,
-            "kind": "known-discrepancy",
+            "kind": self.kind,
             "backend": self.backend,
             "summary": self.summary,
             "expect": self.expect,
-            "scope": self.scope,
-            "model": self.model.to_json(),
-            "reproduced": self.reproduced,
-            "problem": training_problem_to_json(self.problem, id_policy=self.id_policy),
-            "found": self.found,
         }
+        if self.kind == "known-discrepancy":
+            out.update(scope=self.scope, model=self.model.to_json(), reproduced=self.reproduced)
+        if self.relation is not None:
+            out["relation"] = dict(self.relation)
+        out["problem"] = training_problem_to_json(self.problem, id_policy=self.id_policy)
+        out["found"] = self.found
+        return out
 
 
 def training_case_from_json(d: Mapping[str, Any], path: Path | None = None) -> TrainingCase:
     where = str(path) if path else "case"
     if d.get("format") != FORMAT or d.get("mode") != "train":
         raise CaseError(f"{where}: not a training case (format {FORMAT!r} with mode 'train')")
-    for key in ("name", "backend", "expect", "model", "problem", "reproduced"):
+    kind = d.get("kind", "known-discrepancy")
+    if kind not in ("known-discrepancy", "regression"):
+        raise CaseError(f"{where}: kind {kind!r} is not 'known-discrepancy' or 'regression'")
+    required = ("name", "backend", "expect", "problem")
+    if kind == "known-discrepancy":
+        required += ("model", "reproduced")
+    for key in required:
         if key not in d:
             raise CaseError(f"{where}: missing field {key!r}")
-    if d.get("kind", "known-discrepancy") != "known-discrepancy":
-        raise CaseError(f"{where}: a training case is a known discrepancy, got kind {d['kind']!r}")
-    if d["expect"] not in EXPECTATIONS:
+    if kind == "regression" and d["expect"] != "agree":
+        raise CaseError(f"{where}: a training regression expects 'agree', got {d['expect']!r}")
+    if kind == "known-discrepancy" and d["expect"] not in EXPECTATIONS:
         raise CaseError(f"{where}: expect {d['expect']!r} is not one of {EXPECTATIONS}")
     for key in d.get("scope", {}):
         if key not in SCOPE_KEYS + TRAINING_SCOPE_KEYS:
             raise CaseError(f"{where}: unknown scope key {key!r}; known: {SCOPE_KEYS + TRAINING_SCOPE_KEYS}")
     try:
-        model = training_model_from_json(d["model"])
+        model = training_model_from_json(d["model"]) if kind == "known-discrepancy" else None
     except ModelError as e:
         raise CaseError(f"{where}: bad model: {e}") from e
     try:
@@ -194,9 +221,11 @@ def training_case_from_json(d: Mapping[str, Any], path: Path | None = None) -> T
         problem=problem,
         model=model,
         scope=dict(d.get("scope", {})),
-        reproduced=bool(d["reproduced"]),
+        reproduced=bool(d.get("reproduced", True)),
         found=dict(d.get("found", {})),
         path=path,
+        kind=kind,
+        relation=dict(d["relation"]) if d.get("relation") else None,
     )
 
 
@@ -213,6 +242,16 @@ def load_training_case(path: str | os.PathLike[str]) -> TrainingCase:
 
 def training_case_files(directory: Path = TRAINING_CASES_DIR) -> list[Path]:
     return sorted(directory.glob("*.json"))
+
+
+def every_training_case_file(root: Path = CASES_DIR) -> list[Path]:
+    """Every training case under ``root``: known discrepancies, then regressions."""
+    return [p for sub in ("known", "regressions") for p in training_case_files(root / sub / "training")]
+
+
+def is_training_case(data: Mapping[str, Any]) -> bool:
+    """Whether a case file's JSON is a training case (``"mode": "train"``)."""
+    return data.get("mode") == "train"
 
 
 def load_training_cases(directory: Path = TRAINING_CASES_DIR) -> list[TrainingCase]:
@@ -272,44 +311,101 @@ def mark_known_training(
     )
 
 
+def with_relation(
+    backend: object, problem: TrainingProblem, case: TrainingCase, verdict: TrainingVerdict
+) -> TrainingVerdict:
+    """``verdict``, or, when it agrees and the case names a relation, that relation's failure on
+    the problem (a disagreement, or the exception the backend raised)."""
+    if case.relation is None or verdict.outcome is not Outcome.AGREE:
+        return verdict
+    from harness.training.metamorphic import check_relation
+
+    name, seed = case.relation["name"], int(case.relation.get("seed", 0))
+    try:
+        broken = check_relation(backend, problem, name, seed=seed)
+    except Exception as e:  # noqa: BLE001 - a backend's exception is the verdict
+        return dataclasses.replace(
+            verdict, outcome=Outcome.RAISED, detail=f"raised {type(e).__name__}: {e} [after {name}]"
+        )
+    if broken is None:
+        return dataclasses.replace(verdict, detail=f"{verdict.detail}; the relation {name!r} holds")
+    return dataclasses.replace(
+        verdict, outcome=Outcome.DISAGREE, detail=f"metamorphic relation {name!r} broken: {broken}"
+    )
+
+
 @dataclass(frozen=True)
 class TrainingReplay:
-    """One case on its own backend: the check's verdict and the case's own model on the run."""
+    """One backend on one case: the check's verdict (known cases applied when the backend is held
+    to agreement) and, for a known case on its own backend, the case's own model on the run."""
 
     case: TrainingCase
     verdict: TrainingVerdict
     explanation: Explanation | None
     skipped: bool = False
+    expected: str = ""
+    """What is expected of this backend: the case's ``expect`` on its own backend (the default),
+    "agree" on any other."""
+
+    @property
+    def expectation(self) -> str:
+        return self.expected or self.case.expect
 
     @property
     def as_expected(self) -> bool:
-        """Still fails as the case says, and its own model explains it (or could not run here)."""
+        """A known case still fails as it says and its own model explains it; a backend held to
+        agreement agrees (or its own known cases explain it; another backend may also decline the
+        case). A case that could not run here counts as expected."""
         if self.skipped:
             return True
+        outcome = self.verdict.outcome
+        if self.expectation == "agree":
+            own = self.verdict.backend == self.case.backend
+            return outcome in (Outcome.AGREE, Outcome.KNOWN) or (outcome is Outcome.UNSUPPORTED and not own)
         return (
-            self.verdict.outcome.value == self.case.expect
-            and self.explanation is not None
-            and self.explanation.explained
+            outcome.value == self.expectation and self.explanation is not None and self.explanation.explained
         )
 
 
 def replay_training(
-    cases: Sequence[TrainingCase], backends: Mapping[str, object] | None = None
+    cases: Sequence[TrainingCase],
+    backends: Mapping[str, object] | None = None,
+    *,
+    others: Sequence[object] | None = None,
+    known: Sequence[TrainingCase] | None = None,
 ) -> list[TrainingReplay]:
-    """Each case on its own backend (``backends[name]``, else loaded by name): the contract's
-    verdict, then the case's own model alone on the same run."""
+    """Each case on its own backend (``backends[name]``, else loaded by name), or on each of
+    ``others`` instead. A known case's own backend gets the contract's verdict, then the case's
+    own model alone on the same run; a backend held to agreement (a regression's own, or any of
+    ``others``) gets its verdict with ``known`` (default: the cases under ``cases/known/training/``)
+    applied."""
     out = []
     for case in cases:
+        problem = validate_training_problem(case.problem, id_policy=case.id_policy)
+        if others:
+            for backend in others:
+                verdict = with_relation(
+                    backend, problem, case, check_training(backend, problem, validated=True)
+                )
+                if known is None:
+                    known = load_training_cases()
+                verdict = mark_known_training(verdict, backend, problem, known)
+                out.append(TrainingReplay(case, verdict, None, expected="agree"))
+            continue
         try:
             backend = (backends or {}).get(case.backend) or load_backend(case.backend)
         except BackendUnavailable as e:
             verdict = TrainingVerdict(case.backend, Outcome.UNSUPPORTED, f"not run here: {e}")
             out.append(TrainingReplay(case, verdict, None, skipped=True))
             continue
-        problem = validate_training_problem(case.problem, id_policy=case.id_policy)
         verdict = check_training(backend, problem, validated=True)
         explanation = None
-        if verdict.outcome in (Outcome.DISAGREE, Outcome.RAISED):
+        if case.kind == "regression":
+            verdict = with_relation(backend, problem, case, verdict)
+            if known is None:
+                known = load_training_cases()
+            verdict = mark_known_training(verdict, backend, problem, known)
+        elif verdict.outcome in (Outcome.DISAGREE, Outcome.RAISED):
             explanation = explain_training(backend, problem, [(case.name, case.model)])
         out.append(TrainingReplay(case, verdict, explanation))
     return out

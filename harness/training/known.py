@@ -31,9 +31,10 @@ Model kinds (``"kind"``) and their parameters:
     after each one (torch.optim.SGD adding an uncoalesced sparse gradient), instead of the
     duplicates being summed first.
 ``rowwise-state-per-column-shard``: ``{"world_size": 2, "unit": 4}``
-    for rowwise_adagrad, a table split into column shards (``column_shard_widths``: ``unit *
-    column_split(dim / unit, world_size)``, torchrec's column-wise plan as the sharded backend
-    makes it) keeps one state per row *per shard*, the mean of ``G'^2`` over that shard's columns.
+    for rowwise_adagrad, a table split into column shards (`column_shard_widths`: whole
+    ``unit``-column blocks spread over ``world_size`` ranks as evenly as possible, the column-wise
+    plan the sharded backend makes) keeps one state per row *per shard*, the mean of ``G'^2`` over
+    that shard's columns.
 ``trained-as-float32``: ``{"dtypes": ["float16", "bfloat16"]}``
     the tables of those dtypes are held, trained and returned in float32 (their values widened
     exactly): the contract on the problem with those tables float32.
@@ -41,6 +42,12 @@ Model kinds (``"kind"``) and their parameters:
     the library orders the tables by group (in order of first appearance; in order within a
     group), for the output's columns and so also for the columns grad_output is applied to: the
     contract on the problem with its tables in that order (torchrec's fused EBC).
+``first-batch-key-order``: ``{"out_of_range": "zero"}``
+    every batch is read as if its keys came in the first step's order: the ``i``-th feature block
+    of a later batch is taken for the first batch's ``i``-th key (torchrec's sharded EBC computes
+    its input permutation from the first KeyedJaggedTensor and reuses it), and an id then beyond
+    its table is read as row 0 (FBGEMM's bounds check, "Setting idx to zero"): the contract on
+    the batch so relabelled.
 
 The error analysis of each model
 --------------------------------
@@ -93,6 +100,7 @@ TRAINING_MODEL_KINDS = (
     "rowwise-state-per-column-shard",
     "trained-as-float32",
     "columns-grouped",
+    "first-batch-key-order",
 )
 ALL_DTYPES = ("float32", "float16", "bfloat16")
 HALF_DTYPES = ("float16", "bfloat16")
@@ -101,7 +109,7 @@ EVERY_ROW_FEATURE = "__every_row__{}"
 """The name of the extra feature `every-row-decayed` adds to a table (never a real feature's)."""
 
 
-def column_split(n: int, world_size: int) -> list[int]:
+def _even_split(n: int, world_size: int) -> list[int]:
     """``n`` split over ``world_size`` as evenly as possible, the first ranks one more (zeros dropped)."""
     base, extra = divmod(n, world_size)
     return [base + (1 if r < extra else 0) for r in range(world_size) if base + (1 if r < extra else 0)]
@@ -110,10 +118,11 @@ def column_split(n: int, world_size: int) -> list[int]:
 def column_shard_widths(dim: int, world_size: int, unit: int) -> list[int]:
     """The column shards of a ``dim``-wide table under the training column-wise plan: whole
     ``unit``-column blocks (FBGEMM's TBE needs each shard's dim to be a multiple of 4) spread over
-    ``world_size`` ranks by `column_split`; one shard when ``dim`` is not a multiple of ``unit``."""
+    ``world_size`` ranks as evenly as possible (the first ranks wider); one shard when ``dim`` is
+    not a multiple of ``unit``."""
     if dim % unit:
         return [dim]
-    return [unit * k for k in column_split(dim // unit, world_size)]
+    return [unit * k for k in _even_split(dim // unit, world_size)]
 
 
 class TrainingModel(Model):
@@ -260,6 +269,33 @@ class ColumnsGrouped(TrainingModel):
         return tuple(t.name for t in tables)
 
 
+@dataclass(frozen=True)
+class FirstBatchKeyOrder(TrainingModel):
+    out_of_range: str = "zero"
+    kind: str = field(default="first-batch-key-order", init=False)
+
+    def describe(self) -> str:
+        return "later batches read in the first batch's key order (ids beyond a table read as row 0)"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "out_of_range": self.out_of_range}
+
+    def claims(self, tables: Sequence[TableConfig], optimizer: OptimizerConfig) -> tuple[str, ...]:
+        return tuple(t.name for t in tables)
+
+    def relabel(self, tables: Sequence[TableConfig], batch: JaggedBatch, keys: Sequence[str]) -> JaggedBatch:
+        """``batch`` with its feature blocks taken for ``keys`` in order, out-of-range ids as 0."""
+        if tuple(batch.keys) == tuple(keys):
+            return batch
+        rows = {f: t.num_embeddings for t in tables for f in t.feature_names}
+        values = batch.values.clone()
+        for i, key in enumerate(keys):
+            part = batch.feature_slice(batch.keys[i])
+            ids = values[part]
+            values[part] = torch.where(ids < rows[key], ids, torch.zeros_like(ids))
+        return JaggedBatch(tuple(keys), values, batch.lengths, batch.weights)
+
+
 def _dtype_list(d: Mapping[str, Any], default: Sequence[str], allowed: Sequence[str]) -> tuple[str, ...]:
     values = d.get("dtypes", list(default))
     if not isinstance(values, list) or not values or any(v not in allowed for v in values):
@@ -301,6 +337,10 @@ def training_model_from_json(d: Mapping[str, Any]) -> Model:
         return RowwiseStatePerColumnShard(_positive_int(d, "world_size", 2), _positive_int(d, "unit", 4))
     if kind == "trained-as-float32":
         return TrainedAsFloat32(_dtype_list(d, HALF_DTYPES, HALF_DTYPES))
+    if kind == "first-batch-key-order":
+        if d.get("out_of_range", "zero") != "zero":
+            raise ModelError(f"model 'out_of_range' is {d.get('out_of_range')!r}, expected 'zero'")
+        return FirstBatchKeyOrder()
     by = d.get("by", list(GROUP_ATTRIBUTES))
     if not isinstance(by, list) or not by or any(a not in GROUP_ATTRIBUTES for a in by):
         raise ModelError(f"model 'by' is {by!r}, expected attributes drawn from {list(GROUP_ATTRIBUTES)}")
@@ -522,6 +562,10 @@ class ModelledTrainingOracle:
                 raise ModelError("rowwise-state-per-column-shard and every-row-decayed cannot be combined")
             self.split = _ColumnSplit.of(self.tables, sharded[1], self.claims[sharded[0]])
             self.split_oracles = {k: TrainingOracle(self.split.tables, o) for k, o in optimizers.items()}
+        key_order = _first(self.models, FirstBatchKeyOrder)
+        self.key_order: FirstBatchKeyOrder | None = None if key_order is None else key_order[1]
+        self.first_keys: tuple[str, ...] | None = None
+        self.relabelled = False
         self.double_rounded = self._claimed(DoubleRounded)
         self.separately = self._claimed(DuplicatesAppliedSeparately)
 
@@ -531,8 +575,9 @@ class ModelledTrainingOracle:
 
     @property
     def used(self) -> tuple[str, ...]:
-        """The models that change something on this problem."""
-        return tuple(n for n, _ in self.models)
+        """The models that change something on this problem (`first-batch-key-order` only once a
+        later batch's keys came in another order)."""
+        return tuple(n for n, m in self.models if not isinstance(m, FirstBatchKeyOrder) or self.relabelled)
 
     def initial_weights(self, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The problem's starting weights as the library holds them (widened where modelled)."""
@@ -545,6 +590,11 @@ class ModelledTrainingOracle:
         self, weights: Mapping[str, torch.Tensor], batch: JaggedBatch, grad_output: torch.Tensor
     ) -> ExpectedStep:
         """The modelled expectation of one step from ``weights`` (the library's, by table name)."""
+        if self.key_order is not None:
+            self.first_keys = self.first_keys or tuple(batch.keys)
+            relabelled = self.key_order.relabel(self.tables, batch, self.first_keys)
+            self.relabelled = self.relabelled or relabelled is not batch
+            batch = relabelled
         b = batch.batch_size
         step_batch, step_grad = (
             (batch, grad_output) if self.every_row is None else self.every_row.batch(batch, grad_output)
@@ -671,6 +721,7 @@ __all__ = [
     "DoubleRounded",
     "DuplicatesAppliedSeparately",
     "EveryRowDecayed",
+    "FirstBatchKeyOrder",
     "ModelledTrainingOracle",
     "RowwiseStatePerColumnShard",
     "TrainedAsFloat32",

@@ -83,7 +83,7 @@ def _weights_apart(
     for name, bound in bounds.items():
         x, y = a[name].to(torch.float64), b[name].to(torch.float64)
         same = (x == y) | (torch.isnan(x) & torch.isnan(y))
-        apart = ~same & ~((x - y).abs() <= bound)
+        apart = ~same & ~((x - y).abs() <= bound) & ~torch.isinf(bound)  # inf: anything, NaN too
         if bool(apart.any()):
             row, col = (int(i) for i in apart.nonzero()[0])
             return (
@@ -99,7 +99,7 @@ def _psw_apart(a: object, b: object, bound: torch.Tensor | None, what: str) -> s
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.shape != b.shape:
         return f"{what}: per-sample weight gradients of different types or shapes"
     x, y = a.to(torch.float64), b.to(torch.float64)
-    apart = ~((x == y) | (torch.isnan(x) & torch.isnan(y))) & ~((x - y).abs() <= bound)
+    apart = ~((x == y) | (torch.isnan(x) & torch.isnan(y))) & ~((x - y).abs() <= bound) & ~torch.isinf(bound)
     if bool(apart.any()):
         i = int(apart.nonzero()[0])
         got, other, allowed = float(x[i]), float(y[i]), float(bound[i])

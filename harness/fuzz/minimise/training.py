@@ -430,23 +430,24 @@ def reuse_first_batch(s: TrainingShrinker) -> None:
 
 
 def simpler_optimizer(s: TrainingShrinker) -> None:
-    """sgd (or adagrad from rowwise_adagrad), no weight decay, weight decay 1, learning rate 1."""
-    o = s.current.optimizer
-    tries = []
-    if o.kind != "sgd":
-        tries.append(replace(o, kind="sgd"))
-        if o.kind == "rowwise_adagrad":
-            tries.append(replace(o, kind="adagrad"))
-    if o.weight_decay_mode != "none":
-        tries.append(replace(o, weight_decay_mode="none", weight_decay=0.0))
-    for candidate in tries:
-        s.attempt(with_steps(s.current, s.current.steps, optimizer=candidate))
-    o = s.current.optimizer
-    if o.weight_decay_mode != "none" and o.weight_decay not in (0.0, 1.0):
-        s.attempt(with_steps(s.current, s.current.steps, optimizer=replace(o, weight_decay=1.0)))
-    o = s.current.optimizer
-    if o.learning_rate != 1.0:
-        s.attempt(with_steps(s.current, s.current.steps, optimizer=replace(o, learning_rate=1.0)))
+    """sgd (or adagrad from rowwise_adagrad), no weight decay, weight decay 1, learning rate 1:
+    each change tried on the optimizer as it is by then."""
+    changes: tuple[dict[str, object], ...] = (
+        {"kind": "sgd"},
+        {"kind": "adagrad"},
+        {"weight_decay_mode": "none", "weight_decay": 0.0},
+        {"weight_decay": 1.0},
+        {"learning_rate": 1.0},
+    )
+    for change in changes:
+        o = s.current.optimizer
+        if change.get("kind") == "adagrad" and o.kind != "rowwise_adagrad":
+            continue
+        if "weight_decay_mode" not in change and "weight_decay" in change and o.weight_decay_mode == "none":
+            continue
+        candidate = replace(o, **change)
+        if candidate != o:
+            s.attempt(with_steps(s.current, s.current.steps, optimizer=candidate))
 
 
 def _samples_of(p: TrainingProblem, batch: int, keep: torch.Tensor) -> TrainingProblem:
@@ -468,9 +469,14 @@ def drop_samples(s: TrainingShrinker) -> None:
     j = 0
     while j < len(distinct_batches(s.current)[0]):
         size = distinct_batches(s.current)[0][j].batch_size
-        for k in range(size):
-            if s.attempt(_samples_of(s.current, j, torch.arange(size) < k)):
-                break
+
+        def first(p: TrainingProblem, k: int, j: int = j) -> TrainingProblem | None:
+            batches, _ = distinct_batches(p)
+            if j >= len(batches):
+                return None
+            return _samples_of(p, j, torch.arange(batches[j].batch_size) < k)
+
+        passes.smallest(s, 0, size, first)  # type: ignore[arg-type]  # reads .current, .attempt
 
         def without(p: TrainingProblem, r: range, j: int = j) -> TrainingProblem | None:
             batches, _ = distinct_batches(p)
@@ -511,9 +517,8 @@ def fewer_columns(s: TrainingShrinker) -> None:
         s.attempt(every)
     for i in range(len(s.current.tables)):
         dim = s.current.tables[i].embedding_dim
-        for d in range(1, dim):
-            if s.attempt(_with_columns(s.current, i, range(d))):
-                break
+        if dim > 1:
+            passes.smallest(s, 1, dim, lambda p, d, i=i: _with_columns(p, i, range(d)))  # type: ignore[arg-type]
 
         def without(p: TrainingProblem, r: range, i: int = i) -> TrainingProblem:
             keep = [c for c in range(p.tables[i].embedding_dim) if c not in r]
