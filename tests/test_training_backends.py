@@ -359,6 +359,20 @@ def test_every_training_case_file_loads_and_names_a_training_backend():
         assert c.reproduced or "not reproduced" in c.found.get("status", ""), c.name
 
 
+@pytest.mark.skipif(not TORCHREC, reason="fbgemm-gpu-cpu is not installed")
+@pytest.mark.parametrize("variant", ["fbgemm-tbe-int32", "fbgemm-tbe-none"])
+def test_a_case_explains_its_variants_runs_and_no_other_backend(variant):
+    """The same FBGEMM kernel fed int32 indices, or with another bounds-check mode, fails as the
+    case's model says: it is known there; another library's backend is not in its scope."""
+    case = next(c for c in CASES if c.name == "fbgemm-tbe-float16-sgd-rounds-twice")
+    assert variant in case.variants and not case.in_scope("torchrec-fused", case.problem)
+    backend = load_backend(variant)
+    failed = check_training(backend, case.problem)
+    assert failed.outcome is Outcome.DISAGREE
+    assert mark_known_training(failed, backend, case.problem, CASES).outcome is Outcome.KNOWN
+    assert mark_known_training(failed, backend, case.problem, []).outcome is Outcome.DISAGREE
+
+
 def test_a_model_explains_nothing_it_does_not_claim():
     """WeightDecayIgnored on a problem without decay, DoubleRounded without float16 tables: they
     claim no table, so a wrong result is not explained (and a right one is not 'known')."""

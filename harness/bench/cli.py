@@ -25,6 +25,14 @@ EXIT_INTERRUPTED = 130
 """Ctrl-C during `jagbench bench` (the shell's code for SIGINT); the sidecar keeps what finished."""
 
 
+def _default_baseline(mode: str, names: list[str]) -> str:
+    """What speedups are against unless ``--baseline`` says: torch for the lookup, FBGEMM's TBE
+    for a training step (torch.optim has no rowwise_adagrad, the default optimizer); the first
+    backend run when the preferred one is not among them."""
+    preferred = "fbgemm-tbe" if mode == "train" else "torch"
+    return preferred if preferred in names or not names else names[0]
+
+
 def _percent(text: str) -> float:
     """``"10%"`` or ``"10"`` -> 0.10."""
     try:
@@ -102,7 +110,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         backends=backends,
         workloads=workloads,
         json_path=Path(args.json),
-        baseline=args.baseline,
+        baseline=args.baseline or _default_baseline(args.mode, [getattr(b, "name", "") for b in backends]),
         mode=args.mode,
         max_time=args.max_time,
         min_rounds=args.min_rounds,
@@ -189,7 +197,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="the run's JSON (default reports/runs/bench.json): pytest-benchmark's own format with "
         "jagbench's records, also this command's machine-readable summary (unlike other commands' --json)",
     )
-    p.add_argument("--baseline", default="torch", metavar="NAME", help="backend speedups are against (torch)")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        metavar="NAME",
+        help="backend speedups are against (default torch; with --mode train fbgemm-tbe, since "
+        "torch.optim has no rowwise_adagrad; either only when it is among the backends run, "
+        "else the first of them)",
+    )
     p.add_argument(
         "--max-time",
         type=float,

@@ -421,17 +421,26 @@ def _mode_heading(mode: str, modes: Sequence[str]) -> list[str]:
     return [f"### {MODE_TITLES.get(mode, mode)}", ""]
 
 
+def _baselines(runs: Sequence[Run], baseline: str | None) -> str:
+    """What the speedups are against: one backend, or each run's own when they differ."""
+    if baseline is not None:
+        return f"`{baseline}`"
+    names = {r.baseline for r in runs}
+    if len(names) == 1:
+        return f"`{runs[0].baseline}`"
+    return "each run's baseline (" + ", ".join(f"{r.path.name}: `{r.baseline}`" for r in runs) + ")"
+
+
 def build_markdown(
     runs: Sequence[Run], baseline: str | None, images: dict[str, str], extra_sections: Sequence[str]
 ) -> str:
-    base = baseline or runs[0].baseline
     rows = _rows(runs, baseline)
     modes = modes_of(rows) or ["forward"]
     parts = [
         "# jagbench benchmark report",
         "",
         f"Runs: {', '.join(r.path.name for r in runs)}. "
-        f"Speedups are against `{base}` (x2.00 = twice as fast). "
+        f"Speedups are against {_baselines(runs, baseline)} (x2.00 = twice as fast). "
         "Each speedup is the median of per-round paired ratios (the backends of a workload are timed in "
         "interleaved rounds, in a random order each round), with its 95% bootstrap interval in brackets "
         "(a run made before interleaving has no pairs: the ratio of medians, without an interval). "
@@ -468,7 +477,9 @@ def build_markdown(
     parts += ["## Problems", "", problems_section(runs), "", "## Every case", ""]
     for mode in modes:
         parts += _mode_heading(mode, modes)
-        parts += [detail_table([r for r in rows if r.mode == mode], base), ""]
+        one = len({r.baseline for r in runs}) == 1
+        label = baseline or (runs[0].baseline if one else "its run's baseline")
+        parts += [detail_table([r for r in rows if r.mode == mode], label), ""]
     parts += [
         "## Environment",
         "",

@@ -12,7 +12,7 @@ model (`harness.training.known`) and a training problem::
      "backend": "fbgemm-tbe", "summary": "...", "expect": "disagree" | "raised",
      "scope": {"optimizer_kinds": ["sgd"], "decays": true, "table_dtypes": ["float16"]},
      "model": {"kind": "weight-decay-ignored", "features": "any", "dtypes": [...]},
-     "reproduced": true,
+     "reproduced": true, "variants": ["fbgemm-tbe-int32", "fbgemm-tbe-none"],
      "problem": {"tables": [...], "weights": {...}, "batch": {...first step's batch...},
                  "id_policy": "reject",
                  "training": {"optimizer": {...OptimizerConfig...},
@@ -23,6 +23,10 @@ model (`harness.training.known`) and a training problem::
 layout, so its tables, weights and batch read the same way); each step's ``batch`` is ``null``
 for that first batch again, or a batch in the same layout. grad_output values are stored exactly
 (JSON floats round-trip float32).
+
+``variants`` (optional) names other built-in backends that run the same library code on valid
+input (the TBE fed int32 indices, or with another bounds-check mode): the case applies to them
+too; replay runs ``backend``.
 
 A regression (``"kind": "regression"``, ``"expect": "agree"``) has no model, scope or
 ``reproduced``: its backend must agree with the contract on it (or fail only as its known cases
@@ -152,13 +156,17 @@ class TrainingCase:
     """``known-discrepancy`` (with a model) or ``regression`` (no model; expects "agree")."""
     relation: dict[str, Any] | None = None
     """A regression found by a metamorphic relation: ``{"name": ..., "seed": ...}``."""
+    variants: tuple[str, ...] = ()
+    """Other built-in backends that run the same library code on valid input (``fbgemm-tbe-int32``
+    and ``fbgemm-tbe-none`` for ``fbgemm-tbe``: the same kernel fed int32 indices or with another
+    bounds-check mode): the case applies to them too. Replay runs ``backend``."""
 
     def in_scope(self, backend: str, problem: TrainingProblem) -> bool:
         """Whether ``backend`` on ``problem`` is within this known case's scope (necessary, not
         sufficient: its model must explain the run); never for a regression."""
         return (
             self.kind == "known-discrepancy"
-            and backend == self.backend
+            and (backend == self.backend or backend in self.variants)
             and training_scope_matches(self.scope, problem)
         )
 
@@ -178,6 +186,8 @@ class TrainingCase:
         }
         if self.kind == "known-discrepancy":
             out.update(scope=self.scope, model=self.model.to_json(), reproduced=self.reproduced)
+            if self.variants:
+                out["variants"] = list(self.variants)
         if self.relation is not None:
             out["relation"] = dict(self.relation)
         out["problem"] = training_problem_to_json(self.problem, id_policy=self.id_policy)
@@ -226,6 +236,7 @@ def training_case_from_json(d: Mapping[str, Any], path: Path | None = None) -> T
         path=path,
         kind=kind,
         relation=dict(d["relation"]) if d.get("relation") else None,
+        variants=tuple(d.get("variants", ())),
     )
 
 
