@@ -573,7 +573,21 @@ def test_quantized_tables_are_opt_in_and_then_a_steady_share():
     draw()
     share = sum(bool(s) for s in seen) / len(seen)
     assert 0.05 < share < 0.5, share
-    assert set().union(*seen) == set(QUANTIZED_STORAGE)
+    storages = []
+
+    @settings(
+        max_examples=60,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(problems(max_cost=20_000, dtypes=QUANTIZED_STORAGE))
+    def draw_quantized(problem):
+        storages.extend(t.dtype for t in problem.tables)
+
+    draw_quantized()
+    assert set(storages) == set(QUANTIZED_STORAGE)  # every storage is drawn
 
 
 def test_a_backend_declaring_its_table_dtypes_is_fuzzed_on_them():
