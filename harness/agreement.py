@@ -6,7 +6,6 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 import torch
 
 from harness.backend import Backend
@@ -14,7 +13,6 @@ from harness.cases import Case, scoped_cases
 from harness.known import Observation, explain
 from harness.model import JaggedBatch, Problem, TableConfig
 from harness.quantized import QuantizedTable
-from harness.reference.compiled import Checked
 from harness.reference.forward import PooledReference, pool_with_tolerance
 from harness.tolerance import Comparison, Tolerance, compare
 from harness.validate import IdPolicy, validate_problem
@@ -166,32 +164,6 @@ def check_backend(
     if isinstance(ran, Verdict):
         return ran
     return judge_result(backend, tables, weights, batch, ran, oracle)
-
-
-def agreement_of(backend: Backend, result: torch.Tensor, checked: Checked) -> Verdict | None:
-    """`Outcome.AGREE`, with the `Comparison` that `compare` would give, when the fused check
-    (`harness.reference.compiled.check`) of a well-formed ``result`` found every element within
-    its tolerance; None otherwise (judge it then with the full `Oracle`, `judge_result`: what is
-    wrong must be described, and known cases may need the reference)."""
-    if checked.worst_ratio > 1.0:
-        return None
-    name = getattr(backend, "name", type(backend).__name__)
-    shape = tuple(result.shape)
-    if result.numel() == 0:
-        comparison = Comparison(True, None, None, None, None, None, 0.0, 0)
-    else:
-        comparison = Comparison(
-            agree=True,
-            problem=None,
-            worst_index=tuple(int(i) for i in np.unravel_index(checked.worst_index, shape)),
-            worst_value=checked.worst_value,
-            worst_reference=checked.worst_reference,
-            worst_bound=checked.worst_bound,
-            worst_ratio=checked.worst_ratio,
-            may_overflow=checked.may_overflow,
-            worst_classes=checked.worst_classes,
-        )
-    return Verdict(name, Outcome.AGREE, comparison.describe(), comparison)
 
 
 def check_agreement(
