@@ -49,9 +49,10 @@ from harness.fuzz.minimise import describe_size, minimise
 from harness.fuzz.profiles import register_profiles
 from harness.fuzz.results import BackendStats, Failure, FuzzReport
 from harness.fuzz.strategies import problems
-from harness.model import JaggedBatch, Problem
+from harness.model import JaggedBatch, Problem, TableConfig
 from harness.progress import Progress
 from harness.validate import validate_problem
+from harness.weights import make_weights
 
 DEFAULT_SAVE_DIR = Path("reports/runs/cases")
 """Where ``jagbench fuzz`` saves minimised failures unless told otherwise: under the ignored
@@ -240,6 +241,25 @@ def default_strategy(backend: object) -> st.SearchStrategy[Problem]:
     return problems(dtypes=table_dtypes(backend))
 
 
+def warm_up(backend: Backend) -> float:
+    """Run ``backend`` once on a tiny problem of the first table dtype it declares, before any
+    budget starts: the seconds it took. A cold numba cache compiles its kernels here (about 10 s
+    on a fresh machine, which would otherwise eat a short time budget whole), the sharded
+    backends start their ranks. Whatever it raises or returns is not judged here: the fuzz run
+    will meet the same behaviour on its own examples."""
+    start = time.perf_counter()
+    dtype = table_dtypes(backend)[0]
+    tables = (TableConfig("warm_up", 4, 4, ("f",), dtype=dtype),)
+    batch = JaggedBatch.from_bags({"f": [[0, 3], []]})
+    weights = make_weights(tables, seed=0)
+    try:
+        if backend.supports(tables, batch) is None:
+            backend.prepare(tables, weights)(batch)
+    except Exception:  # noqa: BLE001 - judged by the fuzz run itself, on its own examples
+        pass
+    return time.perf_counter() - start
+
+
 def fuzz_backend(
     backend: Backend,
     *,
@@ -273,6 +293,13 @@ def fuzz_backend(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
+        progress = progress if progress is not None else Progress()
+        warm_up_s = warm_up(backend)
+        if warm_up_s >= 1.0:
+            progress.note(
+                f"{label or getattr(backend, 'name', type(backend).__name__)}: warm-up {warm_up_s:.1f} s "
+                "(kernels compiled or loaded, workers started), not counted in the budget"
+            )
         return _fuzz_backend(
             backend,
             label or getattr(backend, "name", type(backend).__name__),
@@ -284,7 +311,7 @@ def fuzz_backend(
             strategy if strategy is not None else default_strategy(backend),
             metamorphic,
             shrink_budget,
-            progress if progress is not None else Progress(),
+            progress,
         )
     finally:
         torch.set_num_threads(before)
