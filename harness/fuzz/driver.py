@@ -447,13 +447,19 @@ def _without_spec(problem: Problem) -> Problem:
     return Problem(problem.tables, problem.weights, problem.batch, metadata)
 
 
-def _regression_case(failure: Failure, seed: int) -> Case:
-    problem_json = problem_to_json(failure.problem)
+def regression_name(backend: str, problem_json: object, infix: str = "") -> str:
+    """A saved failure's name: the backend, made file-safe, and a digest of its problem."""
     digest = hashlib.sha1(json.dumps(problem_json, sort_keys=True).encode()).hexdigest()[:10]
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", failure.backend).strip("-") or "backend"
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", backend).strip("-") or "backend"
+    return f"{safe}-{infix}{digest}"
+
+
+def regression_found(failure: object, *, by: str, minimised_by: str, size: str) -> dict[str, object]:
+    """A saved failure's ``found`` record: how and when it was found and minimised (a forward
+    `Failure` or a training one: the same fields)."""
     m = failure.minimised
     found: dict[str, object] = {
-        "by": f"jagbench fuzz --seed {seed} ({failure.found_by})",
+        "by": f"{by} ({failure.found_by})",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "torch": torch.__version__,
         "seconds_to_find": round(failure.seconds_to_find, 2),
@@ -461,18 +467,29 @@ def _regression_case(failure: Failure, seed: int) -> Case:
     }
     if m is not None:
         found["minimised"] = {
-            "by": "harness.fuzz.minimise",
+            "by": minimised_by,
             "steps": m.steps,
             "attempts": m.attempts,
             "seconds": round(m.seconds, 2),
             "fixed_point": m.complete,
             "from": failure.original_size,
-            "to": describe_size(failure.problem),
+            "to": size,
         }
     if failure.spec is not None:
         found["generated_from"] = failure.spec
+    return found
+
+
+def _regression_case(failure: Failure, seed: int) -> Case:
+    found = regression_found(
+        failure,
+        by=f"jagbench fuzz --seed {seed}",
+        minimised_by="harness.fuzz.minimise",
+        size=describe_size(failure.problem),
+    )
+    problem_json = problem_to_json(failure.problem)
     return Case(
-        name=f"{safe}-{digest}",
+        name=regression_name(failure.backend, problem_json),
         kind="regression",
         backend=failure.backend,
         summary=f"{failure.verdict.outcome.value}: {failure.verdict.detail}",
@@ -481,6 +498,26 @@ def _regression_case(failure: Failure, seed: int) -> Case:
         problem_json=problem_json,
         found=found,
     )
+
+
+def fuzz_each(
+    backends: Sequence[Backend],
+    labels: Sequence[str] | None,
+    time_budget: float | None,
+    run: Callable[[Backend, str | None, float | None], tuple[BackendStats, object | None]],
+) -> tuple[list[BackendStats], list]:
+    """Fuzz each backend in turn with ``run(backend, label, its share of time_budget)``: every
+    one's statistics, and the failures found (forward and training runs alike)."""
+    if labels is not None and len(labels) != len(backends):
+        raise ValueError(f"{len(labels)} labels for {len(backends)} backends")
+    each = time_budget / len(backends) if time_budget and backends else None
+    stats, failures = [], []
+    for i, backend in enumerate(backends):
+        s, failure = run(backend, labels[i] if labels is not None else None, each)
+        stats.append(s)
+        if failure is not None:
+            failures.append(failure)
+    return stats, failures
 
 
 def fuzz(
@@ -503,15 +540,14 @@ def fuzz(
     small, and on a shared machine the thread hand-off costs more than the work (10x measured).
     ``None`` leaves torch's setting alone, for backends whose threading is under test.
     """
-    if labels is not None and len(labels) != len(backends):
-        raise ValueError(f"{len(labels)} labels for {len(backends)} backends")
     known = load_cases() if known is None else list(known)
-    each = time_budget / len(backends) if time_budget and backends else None
-    stats, failures = [], []
-    for i, backend in enumerate(backends):
-        s, failure = fuzz_backend(
+    stats, failures = fuzz_each(
+        backends,
+        labels,
+        time_budget,
+        lambda backend, label, each: fuzz_backend(
             backend,
-            label=labels[i] if labels is not None else None,
+            label=label,
             max_examples=max_examples,
             time_budget=each,
             seed=seed,
@@ -521,10 +557,8 @@ def fuzz(
             shrink_budget=shrink_budget,
             threads=threads,
             progress=progress,
-        )
-        stats.append(s)
-        if failure is not None:
-            failures.append(failure)
+        ),
+    )
     return FuzzReport(stats, failures, settings=_run_settings(max_examples, time_budget, seed, shrink_budget))
 
 

@@ -28,13 +28,10 @@ training regression case (``"mode": "train"``, `harness.training.cases`) under
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +42,7 @@ from hypothesis import strategies as st
 
 from harness.agreement import Outcome
 from harness.backend import Backend, can_train
-from harness.fuzz.driver import DEFAULT_SAVE_DIR, TimedBackend
+from harness.fuzz.driver import DEFAULT_SAVE_DIR, TimedBackend, fuzz_each, regression_found, regression_name
 from harness.fuzz.format import format_report
 from harness.fuzz.minimise.training import (
     MinimisedTraining,
@@ -560,30 +557,14 @@ def regression_case(failure: TrainingFailure, seed: int) -> TrainingCase:
     from harness.training.cases import training_problem_to_json
 
     problem_json = training_problem_to_json(failure.problem)
-    digest = hashlib.sha1(json.dumps(problem_json, sort_keys=True).encode()).hexdigest()[:10]
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", failure.backend).strip("-") or "backend"
-    m = failure.minimised
-    found: dict[str, object] = {
-        "by": f"jagbench fuzz --mode train --seed {seed} ({failure.found_by})",
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "torch": torch.__version__,
-        "seconds_to_find": round(failure.seconds_to_find, 2),
-        "examples_to_find": failure.examples_to_find,
-    }
-    if m is not None:
-        found["minimised"] = {
-            "by": "harness.fuzz.minimise.training",
-            "steps": m.steps,
-            "attempts": m.attempts,
-            "seconds": round(m.seconds, 2),
-            "fixed_point": m.complete,
-            "from": failure.original_size,
-            "to": describe_training_size(failure.problem),
-        }
-    if failure.spec is not None:
-        found["generated_from"] = failure.spec
+    found = regression_found(
+        failure,
+        by=f"jagbench fuzz --mode train --seed {seed}",
+        minimised_by="harness.fuzz.minimise.training",
+        size=describe_training_size(failure.problem),
+    )
     return TrainingCase(
-        name=f"{safe}-train-{digest}",
+        name=regression_name(failure.backend, problem_json, "train-"),
         backend=failure.backend,
         summary=f"{failure.verdict.outcome.value}: {failure.verdict.detail}",
         expect="agree",
@@ -614,15 +595,14 @@ def fuzz_training(
 ) -> FuzzReport:
     """Fuzz each training backend in turn (what ``jagbench fuzz --mode train`` runs);
     ``time_budget`` is split evenly. The report's failures are `TrainingFailure`s."""
-    if labels is not None and len(labels) != len(backends):
-        raise ValueError(f"{len(labels)} labels for {len(backends)} backends")
     known = load_training_cases() if known is None else list(known)
-    each = time_budget / len(backends) if time_budget and backends else None
-    stats, failures = [], []
-    for i, backend in enumerate(backends):
-        s, failure = fuzz_training_backend(
+    stats, failures = fuzz_each(
+        backends,
+        labels,
+        time_budget,
+        lambda backend, label, each: fuzz_training_backend(
             backend,
-            label=labels[i] if labels is not None else None,
+            label=label,
             max_examples=max_examples,
             time_budget=each,
             seed=seed,
@@ -633,10 +613,8 @@ def fuzz_training(
             shrink_budget=shrink_budget,
             threads=threads,
             progress=progress,
-        )
-        stats.append(s)
-        if failure is not None:
-            failures.append(failure)
+        ),
+    )
     settings_json = {
         "mode": "train",
         "max_examples": max_examples,
