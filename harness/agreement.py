@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -11,7 +13,7 @@ import torch
 from harness.backend import Backend
 from harness.cases import Case, scoped_cases
 from harness.known import Observation, explain
-from harness.model import JaggedBatch, Problem, TableConfig
+from harness.model import JaggedBatch, Problem, TableConfig, total_dim
 from harness.quantized import QuantizedTable
 from harness.reference.forward import PooledReference, pool_with_tolerance
 from harness.tolerance import Comparison, Tolerance, compare
@@ -95,8 +97,24 @@ def _snapshot(weights: Mapping[str, torch.Tensor], batch: JaggedBatch) -> list[t
     return tensors
 
 
-def _mutated(before: list[tuple[str, torch.Tensor, torch.Tensor]]) -> str | None:
-    for what, tensor, copy in before:
+def _copies(
+    weights: Mapping[str, torch.Tensor], batch: JaggedBatch
+) -> tuple[dict[str, torch.Tensor], JaggedBatch]:
+    """New tensors holding the inputs as they are now (a `QuantizedTable` copied part by part)."""
+    copied = {k: w.clone() for k, w in weights.items()}
+    values, lengths = batch.values.clone(), batch.lengths.clone()
+    per_sample = None if batch.weights is None else batch.weights.clone()
+    return copied, replace(batch, values=values, lengths=lengths, weights=per_sample)
+
+
+def _mutated(
+    weights: Mapping[str, torch.Tensor],
+    batch: JaggedBatch,
+    weights_before: Mapping[str, torch.Tensor],
+    batch_before: JaggedBatch,
+) -> str | None:
+    before = _snapshot(weights_before, batch_before)
+    for (what, tensor), (_, copy) in zip(_snapshot(weights, batch), before, strict=True):
         if not torch.equal(tensor, copy) and not (
             tensor.is_floating_point()
             and torch.equal(tensor.isnan(), copy.isnan())
@@ -111,9 +129,15 @@ def run_backend(
     tables: Sequence[TableConfig],
     weights: Mapping[str, torch.Tensor],
     batch: JaggedBatch,
+    *,
+    meanwhile: Callable[[Mapping[str, torch.Tensor], JaggedBatch], object] | None = None,
 ) -> Verdict | object:
     """Run one backend on an already validated problem: a `Verdict` when no reference is needed to
-    give one (it declined, raised or changed its input), else what its lookup returned."""
+    give one (it declined, raised or changed its input), else what its lookup returned.
+
+    ``meanwhile`` is called with copies of the inputs, made just before the backend's ``prepare``
+    (the same copies its input is compared with afterwards), when the backend has not declined.
+    """
     name = getattr(backend, "name", type(backend).__name__)
     try:
         reason = backend.supports(tables, batch)
@@ -121,13 +145,15 @@ def run_backend(
         return Verdict(name, Outcome.RAISED, f"supports() raised {type(e).__name__}: {e}")
     if reason is not None:
         return Verdict(name, Outcome.UNSUPPORTED, reason)
-    before = [(what, t, t.clone()) for what, t in _snapshot(weights, batch)]
+    weights_before, batch_before = _copies(weights, batch)
+    if meanwhile is not None:
+        meanwhile(weights_before, batch_before)
     try:
         lookup = backend.prepare(tables, weights)
         result = lookup(batch)
     except Exception as e:  # noqa: BLE001 - a backend's exception is the verdict
         return Verdict.of_exception(backend, e)
-    mutated = _mutated(before)
+    mutated = _mutated(weights, batch, weights_before, batch_before)
     if mutated is not None:
         return Verdict(name, Outcome.MUTATED, mutated)
     return result
@@ -164,6 +190,64 @@ def check_backend(
     if isinstance(ran, Verdict):
         return ran
     return judge_result(backend, tables, weights, batch, ran, oracle)
+
+
+class _OracleThread:
+    """One worker thread for `check_backend_pooling`, started on first use in each process (a
+    forked child has no copy of its parent's threads)."""
+
+    _executor: ThreadPoolExecutor | None = None
+    _pid = -1
+
+    @classmethod
+    def submit(cls, *args: object) -> Future:
+        if cls._executor is None or cls._pid != os.getpid():
+            cls._executor = ThreadPoolExecutor(1, thread_name_prefix="jagbench-oracle")
+            cls._pid = os.getpid()
+        return cls._executor.submit(Oracle.of, *args)
+
+
+OVERLAP_ELEMENTS = 100_000
+"""The reference work (`_reference_elements`) above which `check_backend_pooling` computes the
+oracle on a second thread: below it, handing the work to a thread costs about what it saves."""
+
+
+def _reference_elements(tables: Sequence[TableConfig], batch: JaggedBatch) -> int:
+    """An upper bound on the elements the reference adds and writes: every id times the widest dim,
+    plus the output."""
+    widest = max((t.embedding_dim for t in tables), default=0)
+    return len(batch.values) * widest + batch.batch_size * total_dim(tables)
+
+
+def check_backend_pooling(
+    backend: Backend,
+    tables: Sequence[TableConfig],
+    weights: Mapping[str, torch.Tensor],
+    batch: JaggedBatch,
+) -> tuple[Verdict, Oracle]:
+    """`check_backend` with its oracle computed while the backend runs: the verdict and the oracle.
+
+    For a problem of more than `OVERLAP_ELEMENTS`, the oracle is computed on a second thread
+    from the copies of the inputs taken before the backend runs (`run_backend`), so a backend
+    that changes its inputs cannot change the reference. Its compiled pass releases the GIL:
+    where a core is free (the fuzzer runs backends on one thread) its time hides behind the
+    backend's instead of adding to it. The result is the same as computing the oracle first.
+    A smaller problem, or a backend that declines, gets the oracle on the calling thread."""
+    if _reference_elements(tables, batch) <= OVERLAP_ELEMENTS:
+        oracle = Oracle.of(tables, weights, batch)
+        return check_backend(backend, tables, weights, batch, oracle), oracle
+    pending: list[Future] = []
+    ran = run_backend(
+        backend,
+        tables,
+        weights,
+        batch,
+        meanwhile=lambda w, b: pending.append(_OracleThread.submit(tables, w, b)),
+    )
+    oracle = pending[0].result() if pending else Oracle.of(tables, weights, batch)
+    if isinstance(ran, Verdict):
+        return ran, oracle
+    return judge_result(backend, tables, weights, batch, ran, oracle), oracle
 
 
 def check_agreement(

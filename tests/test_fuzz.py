@@ -324,3 +324,46 @@ def test_a_cold_start_is_not_counted_in_the_time_budget(tmp_path):
     stats, failure = fuzz_backend(backend, time_budget=2.0, seed=0, save_dir=tmp_path, shrink_budget=5)
     assert failure is None and backend.prepared > 1
     assert stats.examples >= 10 and stats.seconds < 2.0 + 1.0
+
+
+class _ChangesItsTable(VectorPool):
+    """Scribbles over its first table before it pools (and leaves it so)."""
+
+    name = "changes-its-table"
+
+    def prepare(self, tables, weights):
+        lookup = super().prepare(tables, weights)
+
+        def scribbled(batch):
+            weights[tables[0].name].mul_(-3.0)
+            return lookup(batch)
+
+        return scribbled
+
+
+@pytest.mark.parametrize("ids", [8, 40_000], ids=["on-the-calling-thread", "on-the-oracle-thread"])
+def test_the_oracle_beside_the_backend_is_the_oracle_of_the_untouched_inputs(ids):
+    """`check_backend_pooling` gives the verdict and oracle that computing the oracle first gives,
+    on both sides of `OVERLAP_ELEMENTS`, and a backend that changes its input while the oracle is
+    computed beside it is judged `MUTATED` while the oracle stays that of the inputs as given."""
+    from harness.agreement import OVERLAP_ELEMENTS, Oracle, _reference_elements, check_backend_pooling
+    from harness.model import JaggedBatch, TableConfig
+    from harness.weights import make_weights
+
+    tables = (TableConfig("t", 500, 16, ("f", "g")),)
+    weights = make_weights(tables, seed=3)
+    g = torch.Generator().manual_seed(0)
+    batch = JaggedBatch(
+        ("f", "g"),
+        torch.randint(0, 500, (ids,), generator=g),
+        torch.tensor([ids // 4, ids // 4, ids // 2, 0]),
+    )
+    assert (_reference_elements(tables, batch) > OVERLAP_ELEMENTS) == (ids > 8)
+    first = Oracle.of(tables, weights, batch)
+    verdict, oracle = check_backend_pooling(VectorPool(), tables, weights, batch)
+    assert verdict.outcome is Outcome.AGREE
+    assert torch.equal(oracle.reference.value, first.reference.value)
+    assert torch.equal(oracle.bound, first.bound)
+    verdict, oracle = check_backend_pooling(_ChangesItsTable(), tables, weights, batch)
+    assert verdict.outcome is Outcome.MUTATED and "weights of table 't'" in verdict.detail
+    assert torch.equal(oracle.reference.value, first.reference.value)

@@ -18,6 +18,7 @@ from harness.fuzz.metamorphic import permute_bags, split_table, within
 from harness.fuzz.problem_spec import (
     ID_COST,
     ProblemSpec,
+    _splitmix64,
     block_rows,
     build_batch,
     build_problem,
@@ -35,6 +36,7 @@ from harness.fuzz.strategies import (
     table_weights,
     weight_specs,
 )
+from harness.fuzz.words import stream_words
 from harness.model import TABLE_DTYPES, JaggedBatch, Pooling, Problem, TableConfig, is_quantized, total_dim
 from harness.validate import validate_problem
 
@@ -269,14 +271,27 @@ def test_the_same_spec_builds_the_same_tensors():
 
 
 def test_a_pinned_spec_builds_pinned_tensors():
-    """The same tensors on every machine, run and numpy version: raw PCG64 words and exact
+    """The same tensors on every machine, run and numpy version: raw SplitMix64 words and exact
     arithmetic on them (a change to how a spec is built shows here too)."""
     p = build_problem(SPEC)
-    assert p.batch.keys == ("a", "c", "b")
-    assert p.batch.lengths.tolist() == [3, 2, 5, 9, 7, 3, 1, 1, 1, 3, 3, 2, 3, 2, 1]
-    assert p.batch.values[:8].tolist() == [0, 25, 0, 2, 119, 0, 4, 15]
-    assert p.batch.weights[:6].tolist() == [1, -2, 1, -1, -2, 1]
-    assert _digest(p) == "b71332953846fba5"
+    assert p.batch.keys == ("c", "a", "b")
+    assert p.batch.lengths.tolist() == [1, 3, 2, 1, 1, 1, 3, 3, 1, 3, 3, 0, 3, 1, 5]
+    assert p.batch.values[:8].tolist() == [6, 0, 3, 0, 4, 6, 4, 6]
+    assert p.batch.weights[:6].tolist() == [3, 1, 0, 0, 1, 2]
+    assert _digest(p) == "c0e24ace99bf0a1f"
+
+
+def test_the_compiled_word_stream_is_splitmix64():
+    """`stream_words` (compiled) is the SplitMix64 of its definition, step by step, and carries
+    its state over from one call to the next."""
+    state = 0x0123456789ABCDEF
+    words, after = stream_words(np.uint64(state), 5)
+    more, _ = stream_words(after, 2)
+    expected = []
+    for _ in range(7):
+        state, out = _splitmix64(state)
+        expected.append(out)
+    assert words.tolist() + more.tolist() == expected
 
 
 def test_key_order_only_reorders_the_features():

@@ -4,8 +4,10 @@ and the first failure is minimised by our own minimiser, printed and saved.
 For each backend, one Hypothesis property runs on `harness.fuzz.strategies.problems`:
 
 1. validate the problem (the strategies only make valid ones: a rejection is a harness bug);
-2. compute the reference and its bound once (`Oracle`) and judge the backend (`check_backend`:
-   type, shape, dtype, columns, every element under the bound, no input mutated, no exception);
+2. compute the reference and its bound once (`Oracle`) and judge the backend
+   (`check_backend_pooling`: type, shape, dtype, columns, every element under the bound, no
+   input mutated, no exception); the reference is computed on a second thread while the backend
+   runs, from copies of the inputs;
 3. a disagreement that a known-discrepancy case explains (`mark_known`) is counted as *known*;
 4. on some examples, also one metamorphic relation (`harness.fuzz.metamorphic`), which needs no
    reference value;
@@ -21,7 +23,8 @@ writes into tracked files); copying it to ``cases/regressions/`` keeps it as a r
 
 Time is accounted as the backend's (its ``supports``, ``prepare`` and lookup calls, metamorphic
 reruns included) and the harness's (everything else: generation, validation, the reference,
-the checks); `BackendStats` reports both.
+the checks, less the reference's time that overlapped the backend's); `BackendStats` reports
+both.
 """
 
 from __future__ import annotations
@@ -40,15 +43,16 @@ from hypothesis import Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
-from harness.agreement import Oracle, Outcome, Verdict, check_backend, mark_known
+from harness.agreement import Oracle, Outcome, Verdict, check_backend_pooling, mark_known
 from harness.backend import Backend, table_dtypes
 from harness.cases import Case, load_cases, problem_to_json, save_case
 from harness.fuzz.coverage import buckets
 from harness.fuzz.metamorphic import RELATIONS, transformed_results, within
 from harness.fuzz.minimise import describe_size, minimise
+from harness.fuzz.problem_spec import ProblemSpec, build_problem
 from harness.fuzz.profiles import register_profiles
 from harness.fuzz.results import BackendStats, Failure, FuzzReport
-from harness.fuzz.strategies import problems
+from harness.fuzz.strategies import problem_specs
 from harness.model import JaggedBatch, Problem, TableConfig
 from harness.progress import Progress
 from harness.validate import validate_problem
@@ -116,8 +120,7 @@ def _run_backend(backend: Backend, problem: Problem) -> torch.Tensor | None:
 def judge(backend: Backend, problem: Problem, known: Sequence[Case] = ()) -> tuple[Verdict, Oracle]:
     """Validate ``problem``, compute its oracle and judge ``backend`` on it, known cases applied."""
     batch = validate_problem(problem.tables, problem.batch, problem.weights)
-    oracle = Oracle.of(problem.tables, problem.weights, batch)
-    verdict = check_backend(backend, problem.tables, problem.weights, batch, oracle)
+    verdict, oracle = check_backend_pooling(backend, problem.tables, problem.weights, batch)
     return mark_known([verdict], problem, known)[0], oracle
 
 
@@ -218,8 +221,6 @@ def _pristine(problem: Problem) -> Callable[[], Problem]:
     other is copied now."""
     spec = problem.metadata.get("spec")
     if spec is not None:
-        from harness.fuzz.problem_spec import ProblemSpec, build_problem
-
         return lambda: build_problem(ProblemSpec.from_json(spec))
     copied = copy_problem(problem)
     return lambda: copied
@@ -237,8 +238,11 @@ def default_strategy(backend: object) -> st.SearchStrategy[Problem]:
     backend declares in an optional ``table_dtypes`` attribute, by default the float dtypes only
     (`harness.backend.table_dtypes`). A backend that reads quantized tables says so, e.g. ``table_dtypes =
     TABLE_DTYPES`` (a quantized-only one ``("int8", "int4", "int2")``): a backend written before
-    quantized storage existed is not failed for not knowing it."""
-    return problems(dtypes=table_dtypes(backend))
+    quantized storage existed is not failed for not knowing it.
+
+    The same examples as `problems()`, built without its `hypothesis.event` calls: the driver
+    counts each example's coverage buckets itself, once."""
+    return problem_specs(dtypes=table_dtypes(backend)).map(build_problem)
 
 
 def warm_up(backend: Backend) -> float:

@@ -10,16 +10,16 @@ size. A spec is also usable without Hypothesis::
     problem = build_problem(spec)     # the same tensors on every call (and machine, same numpy)
 
 Determinism: each part (lengths, ids, per-sample weights, key order, each table's weights) is
-made from the raw words of its own ``PCG64`` stream, whose state is a SplitMix64 hash of the seed
-and the part, with integer and exact floating-point arithmetic (Zipf ranks take one ``pow``).
-Both generators are fully specified, so the tensors are the same on every machine and numpy
-version; a test pins a small spec's tensors.
+made from the raw words of its own SplitMix64 stream, whose state is a SplitMix64 hash of the
+seed and the part, with integer and exact floating-point arithmetic (Zipf ranks take one
+``pow``). The generator is fully specified, so the tensors are the same on every machine and
+numpy version; a test pins a small spec's tensors.
 """
 
 from __future__ import annotations
 
 import functools
-import threading
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from harness.fuzz.quantized_rows import ROW_WORDS, quantized_profile_weights
+from harness.fuzz.words import PROFILE_CODES, normal, profile_values, scaled, sign, stream_words, unit
 from harness.model import (
     ID_DTYPES,
     JaggedBatch,
@@ -133,7 +134,6 @@ _SUBNORMAL_EXP = {torch.float32: -149, torch.float16: -24, torch.bfloat16: -133}
 
 
 _MASK64 = 2**64 - 1
-_ENGINE = threading.local()  # one PCG64 object per thread, loaded with each stream's state in turn
 
 
 def _splitmix64(x: int) -> tuple[int, int]:
@@ -145,13 +145,13 @@ def _splitmix64(x: int) -> tuple[int, int]:
 
 
 class _Bits:
-    """One random stream: the raw 64-bit words of a ``PCG64`` generator whose 128-bit state and
-    increment are SplitMix64 hashes of the key (its integers, 64 bits at a time).
+    """One random stream: the raw 64-bit words of a SplitMix64 generator (`stream_words`) whose
+    state is a SplitMix64 hash of the key (its integers, 64 bits at a time).
 
-    PCG64 is fully specified and the state is set directly, so the words, and every value made
-    from them below with integer and exact floating-point arithmetic, are the same on every
-    machine and numpy version. Setting a state costs a few microseconds where numpy's seeding costs
-    tens; drawing words is several times cheaper than numpy's distributions."""
+    SplitMix64 is fully specified integer arithmetic, so the words, and every value made from
+    them below with integer and exact floating-point arithmetic, are the same on every machine
+    and numpy version. Starting a stream costs a few microseconds and a word about a nanosecond
+    (numpy's seeding costs tens of microseconds, its distributions several times more per value)."""
 
     def __init__(self, *key: int) -> None:
         x = 0
@@ -161,27 +161,14 @@ class _Bits:
                 k >>= 64
                 if not k:
                     break
-        parts = []
-        for _ in range(4):
-            x, out = _splitmix64(x)
-            parts.append(out)
-        self._state = {
-            "bit_generator": "PCG64",
-            "state": {"state": parts[0] << 64 | parts[1], "inc": (parts[2] << 64 | parts[3]) | 1},
-            "has_uint32": 0,
-            "uinteger": 0,
-        }
+        self._state = _splitmix64(x)[1]
 
     def words(self, shape: int | tuple[int, ...]) -> np.ndarray:
         """uint64 words of ``shape``, the next ones of this stream."""
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        engine = getattr(_ENGINE, "pcg64", None)
-        if engine is None:
-            engine = _ENGINE.pcg64 = np.random.PCG64(0)
-        engine.state = self._state
-        out = engine.random_raw(int(np.prod(shape, dtype=np.int64))).reshape(shape)
-        self._state = engine.state
-        return out
+        out, state = stream_words(np.uint64(self._state), math.prod(shape))
+        self._state = int(state)
+        return out.reshape(shape)
 
     def below(self, high: object, shape: int | tuple[int, ...] | None = None) -> np.ndarray:
         """int64 integers uniform in ``[0, high)`` (``high`` below 2^32, an array broadcast to
@@ -189,39 +176,6 @@ class _Bits:
         high = np.asarray(high, dtype=np.uint64)
         words = self.words(high.shape if shape is None else shape)
         return (((words >> np.uint64(32)) * high) >> np.uint64(32)).astype(np.int64)
-
-
-def _unit(words: np.ndarray) -> np.ndarray:
-    """Doubles uniform in [0, 1) from a word's top 53 bits."""
-    return (words >> np.uint64(11)).astype(np.float64) * 2.0**-53
-
-
-def _sign(words: np.ndarray) -> np.ndarray:
-    """+-1.0 from a word's bit 10 (apart from `_unit`'s and `_small`'s bits)."""
-    return 1.0 - 2.0 * ((words >> np.uint64(10)) & np.uint64(1)).astype(np.float64)
-
-
-def _small(words: np.ndarray, m: int) -> np.ndarray:
-    """int32 in [0, m) (m <= 1024) from a word's low 10 bits."""
-    return ((words & np.uint64(0x3FF)) % np.uint64(m)).astype(np.int32)
-
-
-def _scaled(words: np.ndarray, low: int, high: int) -> np.ndarray:
-    """``(1 + u) * 2^e`` with u from `_unit` and e uniform in [low, high] from `_small` (exact:
-    multiplying by a power of two that keeps the result normal)."""
-    return (1 + _unit(words)) * _powers_of_two(low, high)[_small(words, high - low + 1)]
-
-
-@functools.cache
-def _powers_of_two(low: int, high: int) -> np.ndarray:
-    return np.ldexp(1.0, np.arange(low, high + 1, dtype=np.int32))
-
-
-def _normal(words: np.ndarray) -> np.ndarray:
-    """Approximately standard normal doubles: the sum of a word's four 16-bit parts (Irwin-Hall),
-    centred and scaled to unit variance; within +-3.46."""
-    parts = sum((words >> np.uint64(k)) & np.uint64(0xFFFF) for k in (0, 16, 32, 48))
-    return (parts.astype(np.float64) - 2 * 65535) * (3.0**0.5 / 65536)
 
 
 @dataclass(frozen=True)
@@ -378,40 +332,27 @@ def make_profile_weights(table: TableConfig, profile: str, seed: int) -> TableWe
     """``[num_embeddings, embedding_dim]`` weights of the table's dtype, from a value profile and seed
     (a quantized table's: `harness.fuzz.quantized_rows`).
 
-    Deterministic. Values are built in float64 within the dtype's finite range (``unit`` is
-    approximately normal, see `_normal`) and rounded once to the dtype. Tables of more than 1021
-    rows repeat a seeded 1021-row block (a prime period), which keeps a table far larger than the
-    batch touches cheap to build; wider tables a shorter prime block (`block_rows`), so at most
-    2^16 values are drawn per table.
+    Deterministic. Values are built in float64 within the dtype's finite range
+    (`harness.fuzz.words.profile_values`; ``unit`` is approximately normal) and rounded once to
+    the dtype. Tables of more than 1021 rows repeat a seeded 1021-row block (a prime period),
+    which keeps a table far larger than the batch touches cheap to build; wider tables a shorter
+    prime block (`block_rows`), so at most 2^16 values are drawn per table.
     """
     _check_member("profile", profile, WEIGHT_PROFILES)
     n, dim, dtype = table.num_embeddings, table.embedding_dim, table.dtype
     rows = min(n, block_rows(dim))
     if is_quantized(table):  # a QuantizedTable: the profile's meaning for quantized rows
         return quantized_profile_weights(table, profile, _Bits(seed, _TABLE).words((rows, dim + ROW_WORDS)))
-    shape = (rows, dim)
-    words = _Bits(seed, _TABLE).words(shape)
+    words = _Bits(seed, _TABLE).words((rows, dim))
     info = torch.finfo(dtype)
-    tiny, big = float(info.tiny), float(info.max)
-    if profile == "unit":
-        w = _normal(words)
-    elif profile == "integers":
-        w = _small(words, 9).astype(np.float64) - 4
-    elif profile == "positive":
-        w = _scaled(words, -2, 1)
-    elif profile == "cancel":
-        base = np.ldexp(_normal(words), 10)
-        w = base.copy()
-        w[1::2] = -base[0::2][: rows // 2] * (1 + np.ldexp(_unit(words[1::2]), -8))
-    elif profile == "wide":
-        low, high = _SUBNORMAL_EXP[dtype], int(np.log2(big))
-        w = np.clip(_sign(words) * _scaled(words, low, high), -big, big)
-    elif profile == "huge":
-        w = _sign(words) * big * (0.125 + 0.875 * _unit(words))
-    elif profile == "tiny":
-        w = _sign(words) * tiny * (1 + 7 * _unit(words))
-    else:  # subnormal
-        w = _sign(words) * tiny * _unit(words)
+    w = profile_values(
+        words,
+        PROFILE_CODES[profile],
+        float(info.tiny),
+        float(info.max),
+        _SUBNORMAL_EXP[dtype],
+        int(np.log2(info.max)),
+    )
     t = torch.from_numpy(w).to(dtype)  # every profile is within the finite range here
     if rows < n:
         t = t.repeat((n + rows - 1) // rows, 1)[:n]
@@ -478,7 +419,7 @@ def _ids(distribution: str, lengths: np.ndarray, rows: np.ndarray, bits: _Bits) 
         ids = bits.below(high)
     elif distribution == "zipf":
         # P(k or more) = (k + 1)^-0.2, the tail of Zipf's law with exponent 1.2, by inversion.
-        ranks = np.floor((1 - _unit(bits.words(n))) ** -5.0) - 1
+        ranks = np.floor((1 - unit(bits.words(n))) ** -5.0) - 1
         ids = np.minimum(ranks, 2.0**62).astype(np.int64) % high
     elif distribution == "hot":
         n_features = len(rows)
@@ -516,12 +457,12 @@ def _sample_weights(profile: str, n: int, bits: _Bits) -> np.ndarray:
         return (bits.below(7, n) - 3).astype(np.float32)
     words = bits.words(n)
     if profile == "positive":
-        return _scaled(words, -3, 3).astype(np.float32)
+        return scaled(words, -3, 3).astype(np.float32)
     if profile == "wide":
-        w = _sign(words) * _scaled(words, -149, 127)
+        w = sign(words) * scaled(words, -149, 127)
         big = float(np.finfo(np.float32).max)
         return np.clip(w, -big, big).astype(np.float32)
-    w = _normal(words)  # mixed
+    w = normal(words)  # mixed
     special = bits.below(20, n)
     w[special < 2] = 0.0
     w[(special == 2) | (special == 3)] = 1.0

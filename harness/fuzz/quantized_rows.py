@@ -22,19 +22,18 @@ quantizer makes but every lookup must read right (subnormal or huge scales, exac
   a few scales from 0 while ``s q`` and ``b`` are ``B`` large (``B`` up to 2^15), either sign.
 
 `quantized_profile_weights` builds one table from a profile and raw random words (the caller's
-deterministic stream), vectorised. `packable` fits a drawn dim to a storage; `draw_table_dtype`
-draws a table kind's dtype with quantized storages a steady minority (`DTYPE_WEIGHTS`).
+deterministic stream), vectorised. `packable` fits a drawn dim to a storage; `dtype_options`
+is what a table kind's dtype is drawn from, quantized storages a steady minority (`DTYPE_WEIGHTS`).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 
 import numpy as np
 import torch
-from hypothesis import strategies as st
 
+from harness.fuzz.words import normal, sign, small, unit
 from harness.model import TableConfig, TableDtype, is_quantized
 from harness.quantized import QuantizedTable, bits_of, levels_of, quantize_rows
 
@@ -55,17 +54,14 @@ nine when all are allowed (about a fifth of problems then hold a quantized table
 FP16_MAX = 65504.0
 
 
-def draw_table_dtype(draw: st.DrawFn, dtypes: Sequence[TableDtype]) -> TableDtype:
-    """One of ``dtypes``: uniformly when none is quantized (as before quantized tables existed),
-    else by `DTYPE_WEIGHTS`, shrinking towards the first allowed."""
-    return draw(_dtype_choice(tuple(dtypes)))
-
-
-@functools.lru_cache(maxsize=64)
-def _dtype_choice(dtypes: tuple[TableDtype, ...]) -> st.SearchStrategy[TableDtype]:
+@functools.cache
+def dtype_options(dtypes: tuple[TableDtype, ...]) -> tuple[TableDtype, ...]:
+    """What a table kind's dtype is drawn from, uniformly: ``dtypes`` when none is quantized (as
+    before quantized tables existed), else each repeated by `DTYPE_WEIGHTS`, the first allowed
+    first (shrinking aims at it)."""
     if not any(is_quantized(d) for d in dtypes):
-        return st.sampled_from(dtypes)
-    return st.sampled_from([d for d in dtypes for _ in range(DTYPE_WEIGHTS[d])])
+        return tuple(dtypes)
+    return tuple(d for d in dtypes for _ in range(DTYPE_WEIGHTS[d]))
 
 
 def packable(dim: int, dtype: TableDtype, cap: int) -> tuple[int, TableDtype]:
@@ -82,23 +78,6 @@ def packable(dim: int, dtype: TableDtype, cap: int) -> tuple[int, TableDtype]:
     return (down, dtype) if down else (dim, "int8")
 
 
-def _unit(words: np.ndarray) -> np.ndarray:
-    return (words >> np.uint64(11)).astype(np.float64) * 2.0**-53
-
-
-def _sign(words: np.ndarray) -> np.ndarray:
-    return 1.0 - 2.0 * ((words >> np.uint64(10)) & np.uint64(1)).astype(np.float64)
-
-
-def _small(words: np.ndarray, m: int) -> np.ndarray:
-    return ((words & np.uint64(0x3FF)) % np.uint64(m)).astype(np.int64)
-
-
-def _normal(words: np.ndarray) -> np.ndarray:
-    parts = sum((words >> np.uint64(k)) & np.uint64(0xFFFF) for k in (0, 16, 32, 48))
-    return (parts.astype(np.float64) - 2 * 65535) * (3.0**0.5 / 65536)
-
-
 def _pow2(e: np.ndarray) -> np.ndarray:
     return np.ldexp(1.0, e.astype(np.int32))
 
@@ -108,27 +87,27 @@ def _values(profile: str, elem: np.ndarray, row: np.ndarray) -> np.ndarray:
     rows, dim = elem.shape
     r0, r1, r2 = row[:, 0], row[:, 1], row[:, 2]
     if profile == "unit":
-        return _normal(elem)
+        return normal(elem)
     if profile == "integers":
-        return _small(elem, 9).astype(np.float64) - 4
+        return small(elem, 9).astype(np.float64) - 4
     if profile == "positive":
-        return (1 + _unit(elem)) * _pow2(_small(elem, 4) - 2)
+        return (1 + unit(elem)) * _pow2(small(elem, 4) - 2)
     if profile == "wide":
-        centre = _sign(r0) * (1 + _unit(r0)) * _pow2(_small(r0, 40) - 24)
-        width = _pow2(np.minimum(_small(r1, 47) - 30, 16))
-        x = centre[:, None] + width[:, None] * (_unit(elem) - 0.5)
-        x[_small(r2, 8) == 0] = centre[_small(r2, 8) == 0, None]
+        centre = sign(r0) * (1 + unit(r0)) * _pow2(small(r0, 40) - 24)
+        width = _pow2(np.minimum(small(r1, 47) - 30, 16))
+        x = centre[:, None] + width[:, None] * (unit(elem) - 0.5)
+        x[small(r2, 8) == 0] = centre[small(r2, 8) == 0, None]
         return np.clip(x, -FP16_MAX, FP16_MAX)
     if profile == "huge":
-        kind = _small(r2, 3)
-        span = FP16_MAX * (2 * _unit(elem) - 1)
-        near = _sign(r0)[:, None] * FP16_MAX * (1 - 2.0**-7 * _unit(elem))
+        kind = small(r2, 3)
+        span = FP16_MAX * (2 * unit(elem) - 1)
+        near = sign(r0)[:, None] * FP16_MAX * (1 - 2.0**-7 * unit(elem))
         return np.where((kind == 0)[:, None], span, near)
     if profile == "tiny":
-        centre = _sign(r0) * (1 + _unit(r0)) * _pow2(_small(r0, 25) - 14)
-        k = 10 + _small(r1, 21)
-        x = centre[:, None] * (1 + _pow2(-k)[:, None] * (_unit(elem) - 0.5))
-        x[_small(r2, 8) == 0] = centre[_small(r2, 8) == 0, None]
+        centre = sign(r0) * (1 + unit(r0)) * _pow2(small(r0, 25) - 14)
+        k = 10 + small(r1, 21)
+        x = centre[:, None] * (1 + _pow2(-k)[:, None] * (unit(elem) - 0.5))
+        x[small(r2, 8) == 0] = centre[small(r2, 8) == 0, None]
         return x
     raise ValueError(f"no quantized values for profile {profile!r}")
 
@@ -141,23 +120,23 @@ def _direct(profile: str, storage: str, elem: np.ndarray, row: np.ndarray, table
     """Overwrite the direct rows of ``table`` (in place) for the profiles that have them."""
     nlev = levels_of(storage)
     r0, r1, r2, r3 = row[:, 0], row[:, 1], row[:, 2], row[:, 3]
-    codes = torch.from_numpy(_small(elem, nlev + 1).astype(np.uint8))
+    codes = torch.from_numpy(small(elem, nlev + 1).astype(np.uint8))
     if profile == "subnormal":
         which = np.ones(len(row), dtype=bool)
-        scale = _sign(r0) * (1 + _small(r0, 1023)) * 2.0**-24
-        bias = _sign(r1) * _small(r1, 1024) * 2.0**-24
+        scale = sign(r0) * (1 + small(r0, 1023)) * 2.0**-24
+        bias = sign(r1) * small(r1, 1024) * 2.0**-24
     elif profile == "cancel":
         which = np.ones(len(row), dtype=bool)
-        big = (1 + _unit(r0)) * _pow2(_small(r0, 15))
-        sign = _sign(r1)
-        scale = sign * big / nlev * (1 + 2.0**-8 * (_unit(r2) - 0.5))
-        bias = -sign * big
-        top = torch.from_numpy((nlev - _small(elem, 3)).clip(0).astype(np.uint8))
-        codes = torch.where(torch.from_numpy(_small(r3, 4) < 3)[:, None], top, codes)
+        big = (1 + unit(r0)) * _pow2(small(r0, 15))
+        signs = sign(r1)
+        scale = signs * big / nlev * (1 + 2.0**-8 * (unit(r2) - 0.5))
+        bias = -signs * big
+        top = torch.from_numpy((nlev - small(elem, 3)).clip(0).astype(np.uint8))
+        codes = torch.where(torch.from_numpy(small(r3, 4) < 3)[:, None], top, codes)
     elif profile == "huge":
-        which = _small(r3, 4) == 3
-        scale = _sign(r0) * FP16_MAX * _unit(r1)
-        bias = _sign(r2) * FP16_MAX * _unit(r2)
+        which = small(r3, 4) == 3
+        scale = sign(r0) * FP16_MAX * unit(r1)
+        bias = sign(r2) * FP16_MAX * unit(r2)
     else:
         return
     mask = torch.from_numpy(which)

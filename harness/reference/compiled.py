@@ -172,11 +172,11 @@ def _accumulate(
     n_rows, dim = rows.shape
     row_bytes = rows.strides[0]
     base = _address(rows)
-    acc[:] = 0.0
-    pos[:] = 0.0
-    neg[:] = 0.0
-    if long:
-        square[:] = 0.0
+    for d in range(dim):
+        acc[d] = 0.0
+        pos[d] = 0.0
+        neg[d] = 0.0
+        square[d] = 0.0
     for p in range(start, end):
         i = ids[p]
         if i < 0 or i >= n_rows:
@@ -221,6 +221,20 @@ def _bag_factors(n, is_mean):
     return tree_factor, plain, eta, overflow_reach(n, False)
 
 
+@numba.njit(cache=True, nogil=True)
+def _factor_table(n_max):
+    """`_bag_factors` of every bag length below ``n_max``, ``[mean, n, 4]`` (row 0 unused): the
+    same numbers, looked up per bag instead of computed (two ``exp`` per bag were most of the cost
+    of a pass over short bags)."""
+    out = np.zeros((2, n_max, 4))
+    for m in range(2):
+        for n in range(1, n_max):
+            f = _bag_factors(n, m == 1)
+            for k in range(4):
+                out[m, n, k] = f[k]
+    return out
+
+
 @numba.njit(cache=True, nogil=True, inline="always")
 def _element(v, q, g, square, n, is_mean, factors):
     """One element's ``(value, bound, classes)`` (`harness.tolerance`) from its bag's sums: ``v`` the
@@ -262,6 +276,7 @@ def _pool_table(
     tree_sum,
     bound,
     classes,
+    factor_table,
     err,
 ):
     n_ids = ids.shape[0]
@@ -318,7 +333,11 @@ def _pool_table(
                         tree_sum[s, col + d] = 0.0
                 continue
             if fused:
-                factors = _bag_factors(n, is_mean)
+                if n < factor_table.shape[1]:
+                    row = factor_table[1 if is_mean else 0, n]
+                    factors = (row[0], row[1], row[2], row[3])
+                else:
+                    factors = _bag_factors(n, is_mean)
                 for d in range(dim):
                     v, b, c = _element(acc[d], pos[d], neg[d], square[d], n, is_mean, factors)
                     if c < 0:
@@ -447,6 +466,7 @@ def pool(
                 stats["tree_sum"],
                 bound,
                 classes,
+                _FACTORS,
                 err,
             )
         if err[0] != OK:
@@ -482,7 +502,8 @@ def _warm() -> None:
         err = np.zeros(4, np.int64)
         features, cols = np.zeros(1, np.int64), np.zeros(1, np.int64)
         args = (rows, FLOAT32, ids, offsets, _NO_WEIGHTS, False, features, cols, 1, False, True)
-        _pool_table(*args, one, one, one, one, one, one, np.zeros((1, 1), np.uint8), err)
+        _pool_table(*args, one, one, one, one, one, one, np.zeros((1, 1), np.uint8), _FACTORS, err)
 
 
+_FACTORS = _factor_table(4096)
 _warm()
