@@ -41,6 +41,11 @@ MIN_CHUNK = 64
 # Ids ahead whose row is prefetched: far enough that the row arrives before it is summed.
 PREFETCH_DISTANCE = 12
 
+# Tables of this dim or more are pooled bag by bag (`impls.numba_kernels.pool`). Measured on the
+# wide workload (2 x 2M rows of 256 float32, scripts/probe_numba.py): 21.6 ms run by run in
+# blocks of 256 columns, 12.0 ms bag by bag in blocks of 64 (32: 15.7, 128: 16.3), torch 11.7.
+BAG_MAJOR_DIM = 128
+
 # Below this many elements read (ids x widest dim), a batch is pooled on one thread: waking the
 # other threads costs more than they save, far more when the machine is busy (scripts/probe_numba.py).
 SERIAL_WORK = 1 << 20
@@ -176,6 +181,7 @@ class NumbaLookup:
             self.table_mean,
             chunk,
             PREFETCH_DISTANCE,
+            BAG_MAJOR_DIM,
             out.numpy(),
             err,
         )

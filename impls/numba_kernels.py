@@ -50,6 +50,9 @@ LENGTHS_MISMATCH = 2
 BAD_ID = 3
 NO_LOOP = 4  # no generated loop for a table's (storage kind, block width): a bug, not bad input
 
+# Column blocks of a table pooled bag by bag (`pool`'s ``bag_major_dim``) are at most this wide.
+BAG_MAJOR_WIDTH = 64
+
 __all__ = ["KIND_BF16", "KIND_F16", "KIND_F32", "KIND_I2", "KIND_I4", "KIND_I8", "pool"]
 
 
@@ -100,6 +103,32 @@ def _first_error(per_chunk):
     return first
 
 
+@njit(inline="always")
+def _pool_run(
+    kind, dim, max_width, ids, lengths_at, n_samples, start, ids_end, table, rows, row_bytes, weights,
+    weight_step, ahead_by, mean, out_at, out_stride, err, bad, c,
+):  # fmt: skip
+    """Pool ``n_samples`` consecutive bags of one feature, column block after column block of at
+    most ``max_width`` columns (`numba_codegen.pool_block`); errors as `pool` records them."""
+    done = 0
+    while done < dim:
+        width = max_width
+        while width > dim - done:
+            width //= 2
+        offset = _block_offset(kind, done)
+        first_bad = pool_block(
+            kind, width, ids, lengths_at, n_samples, start, ids_end, table + offset, rows, row_bytes,
+            -offset, weights, weight_step, ahead_by, mean, out_at + done * 4, out_stride,
+        )  # fmt: skip
+        done += width
+        if first_bad == UNKNOWN_BLOCK:
+            err[0] = NO_LOOP  # every thread that gets here writes the same value
+            err[2] = kind
+            err[3] = width
+        elif first_bad >= 0 and (bad[c] < 0 or first_bad < bad[c]):
+            bad[c] = first_bad
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def pool(
     ids,
@@ -117,6 +146,7 @@ def pool(
     table_mean,
     chunk,
     ahead_by,
+    bag_major_dim,
     out,
     err,
 ):
@@ -133,6 +163,14 @@ def pool(
     Bags are pooled ``chunk`` samples per parallel work item, prefetching the row of the id
     ``ahead_by`` positions ahead. ``err`` (int64[4]) receives the code, position, value and limit
     of the first error.
+
+    A table of dim ``bag_major_dim`` or more is pooled bag by bag: every column block
+    (at most `BAG_MAJOR_WIDTH` wide) of one bag before the next, so a bag's rows are read from
+    memory once and stay in cache for its other blocks, and a block's loop is short enough that
+    the core keeps the loads of many rows in flight (each a page-table walk as well as a cache
+    miss in a large table, which the prefetch does not hide). Narrower rows are pooled a run of
+    ``chunk`` bags at a time, block after block, each block as wide as the row allows (up to
+    `numba_codegen.MAX_WIDTH`).
     """
     n_features = feature_table.shape[0]
     batch = out.shape[0]
@@ -185,38 +223,23 @@ def pool(
             dim = table_dim[t]
             row_bytes = table_row_bytes[t]
             mean = np.int64(1 if table_mean[t] else 0)
-            done = 0
-            while done < dim:
-                width = MAX_WIDTH
-                while width > dim - done:
-                    width //= 2
-                offset = _block_offset(kind, done)
-                first_bad = pool_block(
-                    kind,
-                    width,
-                    ids,
-                    lengths_address + (f * batch + s0) * 8,
-                    s1 - s0,
-                    starts[f, c],
-                    ids_end,
-                    table_address[t] + offset,
-                    table_rows[t],
-                    row_bytes,
-                    -offset,
-                    weights_address,
-                    weight_step,
-                    ahead_by,
-                    mean,
-                    out_address + (s0 * out.shape[1] + feature_col[f] + done) * 4,
-                    out_stride,
-                )
-                done += width
-                if first_bad == UNKNOWN_BLOCK:
-                    err[0] = NO_LOOP  # every thread that gets here writes the same value
-                    err[2] = kind
-                    err[3] = width
-                elif first_bad >= 0 and (bad[c] < 0 or first_bad < bad[c]):
-                    bad[c] = first_bad
+            if dim < bag_major_dim:
+                first_out = out_address + (s0 * out.shape[1] + feature_col[f]) * 4
+                _pool_run(
+                    kind, dim, MAX_WIDTH, ids, lengths_address + (f * batch + s0) * 8, s1 - s0, starts[f, c],
+                    ids_end, table_address[t], table_rows[t], row_bytes, weights_address, weight_step,
+                    ahead_by, mean, first_out, out_stride, err, bad, c,
+                )  # fmt: skip
+                continue
+            position = starts[f, c]
+            for s in range(s0, s1):
+                bag_out = out_address + (s * out.shape[1] + feature_col[f]) * 4
+                _pool_run(
+                    kind, dim, BAG_MAJOR_WIDTH, ids, lengths_address + (f * batch + s) * 8, 1, position,
+                    ids_end, table_address[t], table_rows[t], row_bytes, weights_address, weight_step,
+                    ahead_by, mean, bag_out, out_stride, err, bad, c,
+                )  # fmt: skip
+                position += np.int64(lengths[f * batch + s])
     if err[0] == NO_LOOP:
         return
     first = _first_error(bad)

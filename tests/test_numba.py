@@ -103,11 +103,15 @@ def test_chunk_boundaries_agree(backend, name, monkeypatch):
     assert_agrees(backend, tables, make_weights(tables, seed=4), batch)
 
 
+@pytest.mark.parametrize("bag_major", [False, True], ids=["run-by-run", "bag-by-bag"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_every_column_block_agrees(backend, dtype):
+def test_every_column_block_agrees(backend, dtype, bag_major, monkeypatch):
     """Dims whose greedy split uses every generated block width (511 = 256 + 128 + ... + 1), with
-    and without per-sample weights, SUM and MEAN: each width's loop reads its own columns."""
+    and without per-sample weights, SUM and MEAN: each width's loop reads its own columns, with
+    every table pooled run by run and bag by bag (`impls.numba_kernels.pool`'s two orders)."""
     from impls.numba_codegen import block_widths
+
+    monkeypatch.setattr(numba_fused, "BAG_MAJOR_DIM", 1 if bag_major else 1 << 62)
 
     assert sum(block_widths()) == 511
     tables = [
@@ -259,6 +263,22 @@ def test_first_bad_id_is_reported_in_a_big_batch(backend):
     values[len(values) // 2] = -7
     lookup = backend.prepare(tables, make_weights(tables, 0))
     with pytest.raises(ValueError, match=rf"negative id: .*values\[{len(values) // 2}\]\) has id -7"):
+        lookup(JaggedBatch(batch.keys, values, batch.lengths))
+
+
+@pytest.mark.parametrize("dim", [64, 256], ids=["run-by-run", "bag-by-bag"])
+def test_first_bad_id_is_reported_whichever_order_the_rows_are_pooled_in(backend, dim):
+    """The first bad position is found however the kernel walks the bags (a table of dim 256 is pooled
+    bag by bag), with many bad ids in many parallel work items."""
+    assert (dim >= numba_fused.BAG_MAJOR_DIM) == (dim == 256)
+    tables = [table("a", 50, dim, ["x", "y"])]
+    batch = bags_batch(tables, 3000, seed=2, max_bag=12)
+    values = batch.values.clone()
+    first = len(values) // 3
+    values[first + 1 :: 97] = 50
+    values[first] = 50
+    lookup = backend.prepare(tables, make_weights(tables, 0))
+    with pytest.raises(ValueError, match=rf"values\[{first}\]\) has id 50"):
         lookup(JaggedBatch(batch.keys, values, batch.lengths))
 
 
