@@ -215,6 +215,11 @@ class _Slow(VectorPool):
 
 
 def test_time_in_the_backend_is_told_apart_from_the_harness(known):
+    """A backend 20 ms slower per lookup gets that time as its own, so the harness's share falls.
+    One run of the same examples goes first, unmeasured: whatever the process does once (numba
+    loading a kernel from its cache, the oracle's thread starting) lands there, not in one of the
+    two runs compared."""
+    fuzz_backend(VectorPool(), max_examples=15, seed=2, save_dir=None, known=known, metamorphic=False)
     stats, failure = fuzz_backend(
         _Slow(), max_examples=15, seed=2, save_dir=None, known=known, metamorphic=False
     )

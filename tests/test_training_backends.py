@@ -283,7 +283,8 @@ def test_fbgemm_cpu_really_cannot_run_bfloat16():
 
 class Planted:
     """The wrapped backend with one more error: a changed weight of the first row the step updates
-    (by 2^-6 of its magnitude, many ulps of any dtype), or a different exception."""
+    (raised by 2^-6 of its magnitude plus one, many ulps of any dtype, at any value: ``w (1 +
+    2^-6) + 2^-6``, the earlier change, left ``w = -1`` as it was), or a different exception."""
 
     def __init__(self, backend, kind: str = "weight") -> None:
         self.backend = backend
@@ -308,7 +309,7 @@ class Planted:
             row = int(batch.values[batch.feature_slice(key)][0])
             weights = {k: v.clone() for k, v in result.weights.items()}
             w = weights[table]
-            w[row, 0] = (w[row, 0].double() * (1 + 2.0**-6) + 2.0**-6).to(w.dtype)
+            w[row, 0] = (w[row, 0].double() + (w[row, 0].double().abs() + 1) * 2.0**-6).to(w.dtype)
             return TrainResult(result.output, weights, result.per_sample_weight_grad)
 
         return planted
@@ -410,12 +411,14 @@ def test_column_shard_widths_follow_the_training_plan():
 @needs_torchrec
 def test_known_cases_explain_generated_runs_beyond_their_own_problem():
     """The fbgemm-tbe cases, together, explain its runs on generated problems with weight decay
-    and float16 tables (every such run fails the contract), and only with their models."""
+    and float16 tables (every such run fails the contract), and only with their models. About a
+    third of the examples disagree (the rest have no decay, no ids, or round alike), so 30
+    examples give several whatever the draw."""
     backend = load_backend("fbgemm-tbe")
     explained = 0
 
     @settings(
-        max_examples=12,
+        max_examples=30,
         derandomize=True,
         deadline=None,
         database=None,

@@ -46,7 +46,9 @@ def _normal(w):
     return (np.float64(parts) - 2 * 65535) * (3.0**0.5 / 65536)
 
 
-@numba.njit(cache=True, nogil=True)
+# Explicit signatures: compiled (or loaded from numba's cache) at import, not inside the first
+# example of a fuzz run's time budget.
+@numba.njit("Tuple((uint64[::1], uint64))(uint64, int64)", cache=True, nogil=True)
 def stream_words(state, n):
     """The next ``n`` words of a SplitMix64 stream (Steele, Lea and Flood, 2014) at ``state``, and
     its state after them."""
@@ -89,7 +91,7 @@ PROFILE_CODES = {
 }
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit("float64[:, ::1](uint64[:, ::1], int64, float64, float64, int64, int64)", cache=True, nogil=True)
 def profile_values(words, profile, tiny, big, low, high):
     """float64 ``[rows, dim]`` values of weight profile ``profile`` (a `PROFILE_CODES` value) from
     ``words`` of that shape; ``tiny`` and ``big`` are the dtype's smallest normal and largest
