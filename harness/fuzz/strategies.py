@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -203,43 +203,13 @@ class _LazyRng:
         return self._rng
 
 
-_SAMPLERS: dict[st.SearchStrategy, Callable[[np.random.Generator], object]] = {}
-"""How `_Seeded` samples each strategy it may be given (those made below)."""
+_POSITIONS = st.sampled_from(range(64))
 
 
-@functools.cache
+@functools.lru_cache(maxsize=512)
 def _choice(options: tuple | range) -> st.SearchStrategy:
     """``sampled_from(options)``, built once: a new strategy object costs more than its draw."""
-    strategy = st.sampled_from(options)
-    _SAMPLERS[strategy] = lambda g: options[int(g.integers(len(options)))]
-    return strategy
-
-
-@functools.cache
-def _integers(low: int, high: int) -> st.SearchStrategy[int]:
-    """``integers(low, high)``, built once."""
-    strategy = st.integers(low, high)
-    _SAMPLERS[strategy] = lambda g: int(g.integers(low, high + 1))
-    return strategy
-
-
-_POSITIONS = _choice(range(64))
-_BOOLEANS = _choice((False, True))
-
-
-class _Seeded:
-    """A ``draw`` for the details of an example that need no shrinking (a second table kind's
-    dim, rows and dtype, the layout, the id dtype, ...): it samples the strategies of this module
-    (`_choice`, `_integers`) uniformly with a numpy generator seeded by one Hypothesis draw,
-    instead of one Hypothesis draw each. A Hypothesis draw costs about 0.1 ms, most of an
-    example's generation; shrinking still simplifies the first table kind and the sizes, which
-    stay Hypothesis draws."""
-
-    def __init__(self, rng: _LazyRng) -> None:
-        self._rng = rng
-
-    def __call__(self, strategy: st.SearchStrategy[_T]) -> _T:
-        return _SAMPLERS[strategy](self._rng())
+    return st.sampled_from(options)
 
 
 def _between(
@@ -334,8 +304,8 @@ def _draw_dim(draw: st.DrawFn, cap: int, rng: _LazyRng) -> int:
     if kind == "large":
         return _between(draw, 257, cap, 1, cap, rng=rng)
     if kind == "pow2":
-        return min(cap, 1 << draw(_integers(4, 7)))
-    return min(cap, (1 << draw(_integers(2, 10))) + draw(_integers(-1, 1)))  # 2^k - 1, 2^k, 2^k + 1
+        return min(cap, 1 << draw(st.integers(4, 7)))
+    return min(cap, (1 << draw(st.integers(2, 10))) + draw(st.integers(-1, 1)))  # 2^k - 1, 2^k, 2^k + 1
 
 
 def _draw_tables(
@@ -356,15 +326,12 @@ def _draw_tables(
         draw, _FEATURES_PER_TABLE, 1, max(1, min(o.max_features_per_table, o.max_features // n_tables)), rng
     )
     counts = [per_table] * n_tables
-    seeded = _Seeded(rng)
-    if per_table > 1 and n_tables > 1 and seeded(_BOOLEANS):
+    if per_table > 1 and n_tables > 1 and draw(st.booleans()):
         counts[1:] = rng().integers(1, per_table + 1, n_tables - 1).tolist()
     dim_cap = max(1, min(o.max_dim, max_dim or o.max_dim, budget // (8 * sum(counts))))
     n_kinds = draw(st.integers(1, min(4, n_tables)))
     kinds = []
-    for k in range(n_kinds):
-        if k == 1:  # the first kind is drawn by Hypothesis (shrinkable), any other seeded
-            draw = seeded
+    for _ in range(n_kinds):
         dim = _draw_dim(draw, dim_cap, rng)
         rows = _sized(draw, _ROWS, 1, max(1, min(o.max_num_embeddings, budget // (2 * n_tables * dim))), rng)
         pooling = Pooling.SUM if sum_only else draw(_choice(o.poolings))
@@ -373,7 +340,7 @@ def _draw_tables(
         rows = min(rows, max(1, budget // (2 * n_tables * dim)))
         profile = "unit" if profiles is None else draw(_choice(profiles))
         kinds.append((dim, rows, pooling, dtype, profile))
-    layout = "blocks" if n_kinds == 1 else seeded(_choice(_LAYOUTS))
+    layout = "blocks" if n_kinds == 1 else draw(_choice(_LAYOUTS))
     if layout == "interleaved":
         kind_of = [i % n_kinds for i in range(n_tables)]
     elif layout == "blocks":
@@ -381,7 +348,7 @@ def _draw_tables(
     else:
         kind_of = list(range(n_kinds)) + rng().integers(0, n_kinds, n_tables - n_kinds).tolist()
         rng().shuffle(kind_of)
-    vary = n_tables > n_kinds and seeded(_BOOLEANS)  # tables of a kind get smaller dims and rows
+    vary = n_tables > n_kinds and draw(st.booleans())  # tables of a kind get smaller dims and rows
     tables, seen, feature = [], set(), 0
     for i, (k, n) in enumerate(zip(kind_of, counts, strict=True)):
         dim, rows, pooling, dtype, profile = kinds[k]
@@ -559,8 +526,8 @@ def _draw_batch(
         "length_profile": profile,
         "bag_length": length,
         "id_distribution": _weighted_choice(draw, _ID_WEIGHTS, o.id_distributions),
-        "id_dtype": _Seeded(rng)(_choice(o.id_dtypes)),
-        "key_order": _Seeded(rng)(_choice(KEY_ORDERS)) if o.shuffle_keys else "tables",
+        "id_dtype": draw(_choice(o.id_dtypes)),
+        "key_order": draw(_choice(KEY_ORDERS)) if o.shuffle_keys else "tables",
     }
 
 

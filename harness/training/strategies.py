@@ -135,8 +135,8 @@ def _training_specs(
     grad_profiles: tuple[str, ...],
     same_batch: bool | None,
 ) -> TrainingSpec:
-    optimizer = draw(optimizers)  # first: Hypothesis draws later choices nearer their simplest
     problem = draw(problems)
+    optimizer = draw(optimizers)
     n = draw(st.integers(min_steps, max_steps))
     steps = [draw(_step_specs(problem.batch_size, grad_profiles, i == 0, same_batch)) for i in range(n)]
     return TrainingSpec(problem, optimizer, tuple(steps))
