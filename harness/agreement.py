@@ -97,7 +97,7 @@ def _snapshot(weights: Mapping[str, torch.Tensor], batch: JaggedBatch) -> list[t
     return tensors
 
 
-def _copies(
+def copy_inputs(
     weights: Mapping[str, torch.Tensor], batch: JaggedBatch
 ) -> tuple[dict[str, torch.Tensor], JaggedBatch]:
     """New tensors holding the inputs as they are now (a `QuantizedTable` copied part by part)."""
@@ -145,7 +145,7 @@ def run_backend(
         return Verdict(name, Outcome.RAISED, f"supports() raised {type(e).__name__}: {e}")
     if reason is not None:
         return Verdict(name, Outcome.UNSUPPORTED, reason)
-    weights_before, batch_before = _copies(weights, batch)
+    weights_before, batch_before = copy_inputs(weights, batch)
     if meanwhile is not None:
         meanwhile(weights_before, batch_before)
     try:

@@ -6,8 +6,8 @@ For each backend, one Hypothesis property runs on `harness.fuzz.strategies.probl
 1. validate the problem (the strategies only make valid ones: a rejection is a harness bug);
 2. compute the reference and its bound once (`Oracle`) and judge the backend
    (`check_backend_pooling`: type, shape, dtype, columns, every element under the bound, no
-   input mutated, no exception); the reference is computed on a second thread while the backend
-   runs, from copies of the inputs;
+   input mutated, no exception); on a large problem the reference is computed on a second thread
+   while the backend runs, from copies of the inputs;
 3. a disagreement that a known-discrepancy case explains (`mark_known`) is counted as *known*;
 4. on some examples, also one metamorphic relation (`harness.fuzz.metamorphic`), which needs no
    reference value;
@@ -43,7 +43,7 @@ from hypothesis import Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
-from harness.agreement import Oracle, Outcome, Verdict, check_backend_pooling, mark_known
+from harness.agreement import Oracle, Outcome, Verdict, check_backend_pooling, copy_inputs, mark_known
 from harness.backend import Backend, table_dtypes
 from harness.cases import Case, load_cases, problem_to_json, save_case
 from harness.fuzz.coverage import buckets
@@ -207,11 +207,7 @@ def same_failure(
 
 def copy_problem(problem: Problem) -> Problem:
     """A problem with copies of every tensor (the tables' weights and the batch's)."""
-    b = problem.batch
-    batch = JaggedBatch(
-        b.keys, b.values.clone(), b.lengths.clone(), None if b.weights is None else b.weights.clone()
-    )
-    weights = {k: w.clone() for k, w in problem.weights.items()}
+    weights, batch = copy_inputs(problem.weights, problem.batch)
     return Problem(problem.tables, weights, batch, dict(problem.metadata))
 
 

@@ -44,17 +44,9 @@ from harness.model import (
 from harness.validate import validate_tables
 from harness.weights import table_seed
 
-WEIGHT_PROFILES: tuple[str, ...] = (
-    "unit",
-    "integers",
-    "positive",
-    "wide",
-    "huge",
-    "tiny",
-    "subnormal",
-    "cancel",
-)
-"""Value profiles of table weights (`make_profile_weights`):
+WEIGHT_PROFILES: tuple[str, ...] = tuple(PROFILE_CODES)
+"""Value profiles of table weights (`make_profile_weights`), in the order of their codes in
+`harness.fuzz.words.profile_values`, which computes them:
 
 - ``unit``: standard normal values, the usual case;
 - ``integers``: small integers in [-4, 4] (exact sums: any misplaced term shows exactly);

@@ -176,7 +176,9 @@ def _accumulate(
         acc[d] = 0.0
         pos[d] = 0.0
         neg[d] = 0.0
-        square[d] = 0.0
+    if long:
+        for d in range(dim):
+            square[d] = 0.0
     for p in range(start, end):
         i = ids[p]
         if i < 0 or i >= n_rows:
