@@ -1,8 +1,9 @@
 """The ``numba`` backend: our fused parallel kernel (`impls.numba_kernels.pool`), one call per batch.
 
 ``prepare`` checks the tables and weights, records each table's address, shape and dtype (the
-kernel reads the tables in place: no copy, no stacking, no grouping by dim or dtype; a quantized
-table is packed once into FBGEMM's row layout, `quantized_rows`, which the kernel reads) and compiles
+kernel reads a table through its address: no stacking, no grouping by dim or dtype; a small float
+table is read in place, a quantized one is packed once into FBGEMM's row layout, `quantized_rows`,
+and a table of 16 MiB or more is read from a copy on huge pages, `impls.huge_pages`) and compiles
 the kernel's one specialisation, which serves int32 and int64 ids alike (or loads it from numba's
 disk cache: ``impls/__pycache__``, or numba's user cache dir / ``NUMBA_CACHE_DIR`` when that
 directory is not writable). The lookup checks the batch's structure in Python (keys,
@@ -28,6 +29,7 @@ from harness.training.validate import check_float_tables, validate_optimizer
 from harness.validate import check_lookup_batch, validate_tables, validate_weights
 from impls import numba_kernels as k
 from impls import numba_training as kt
+from impls.huge_pages import huge_page_copy, worth_huge_pages
 
 # Samples per parallel work item; 0: the batch split into CHUNKS_PER_THREAD items per thread, of at
 # least MIN_CHUNK samples. Long chunks pay twice: each feature's ids are read in long runs, and
@@ -67,11 +69,19 @@ def quantized_rows(table: QuantizedTable) -> torch.Tensor:
     return torch.cat([scale_bias_bytes(table), pack_codes(table.codes, table.storage)], dim=1).contiguous()
 
 
-def _stored(table: TableConfig, weights: torch.Tensor | QuantizedTable) -> torch.Tensor:
-    """What the kernel reads for ``table``: a float table in place (contiguous), a quantized one packed."""
-    if table.dtype in QUANTIZED_STORAGE:
-        return quantized_rows(weights)
-    return weights.detach().contiguous()
+def _stored(table: TableConfig, weights: torch.Tensor | QuantizedTable, huge_pages: bool) -> torch.Tensor:
+    """What the kernel reads for ``table``: a float table in place (contiguous), a quantized one
+    packed; with ``huge_pages``, a table of `huge_pages.MIN_TABLE_BYTES` or more is read from a
+    copy on huge pages instead (`impls.huge_pages`: a random row's page walk is the cost there)."""
+    stored = quantized_rows(weights) if table.dtype in QUANTIZED_STORAGE else weights.detach().contiguous()
+    return huge_page_copy(stored) if huge_pages and worth_huge_pages(stored) else stored
+
+
+def _trained_copy(weights: torch.Tensor) -> torch.Tensor:
+    """The trainer's own copy of a table: on huge pages when it is large (`impls.huge_pages`)."""
+    if worth_huge_pages(weights):
+        return huge_page_copy(weights)
+    return weights.detach().to("cpu", copy=True).contiguous()
 
 
 @dataclass(frozen=True)
@@ -85,14 +95,17 @@ class _KeyLayout:
 class NumbaLookup:
     """The prepared lookup: call it with a `JaggedBatch`; returns float32 ``[batch, total_dim]``."""
 
-    def __init__(self, tables: Sequence[TableConfig], weights: Mapping[str, torch.Tensor]) -> None:
+    def __init__(
+        self, tables: Sequence[TableConfig], weights: Mapping[str, torch.Tensor], huge_pages: bool = True
+    ) -> None:
         self.tables = tuple(tables)
         self.width = total_dim(self.tables)
         self.has_mean = any(t.pooling is Pooling.MEAN for t in self.tables)
-        # The kernel reads each table through its address: zero-copy, any dim and dtype, one call.
-        # self.storage keeps those tensors alive (a copy only where one was not contiguous, and
-        # quantized tables packed into the kernel's row layout).
-        self.storage = tuple(_stored(t, weights[t.name]) for t in self.tables)
+        # The kernel reads each table through its address: any dim and dtype, one call.
+        # self.storage keeps those tensors alive (the caller's own where they are contiguous and
+        # small; copies where they were not contiguous or are large, and quantized tables packed
+        # into the kernel's row layout). ``huge_pages=False`` reads float tables in place always.
+        self.storage = tuple(_stored(t, weights[t.name], huge_pages) for t in self.tables)
         self.table_address = np.array([w.data_ptr() for w in self.storage], np.uint64).view(np.int64)
         self.table_rows = np.array([t.num_embeddings for t in self.tables], np.int64)
         self.table_dim = np.array([t.embedding_dim for t in self.tables], np.int64)
@@ -150,21 +163,17 @@ class NumbaLookup:
         per_sample = batch.weights.contiguous().numpy() if has_weights else self._no_weights
         out = torch.empty(b, self.width, dtype=torch.float32)
         err = np.zeros(4, np.int64)
-        threads = numba.get_num_threads()
-        serial = len(values) * self.max_dim < SERIAL_WORK
-        if serial:
-            numba.set_num_threads(1)
-        chunk = CHUNK or max(MIN_CHUNK, -(-b // (CHUNKS_PER_THREAD * numba.get_num_threads())))
-        try:
-            self._pool(values, lengths, has_weights, per_sample, layout, out, err, chunk)
-        finally:
-            if serial:
-                numba.set_num_threads(threads)
+        parallel = len(values) * self.max_dim >= SERIAL_WORK
+        if parallel:
+            chunk = CHUNK or max(MIN_CHUNK, -(-b // (CHUNKS_PER_THREAD * numba.get_num_threads())))
+        else:
+            chunk = max(b, 1)
+        self._pool(values, lengths, has_weights, per_sample, layout, out, err, chunk, parallel)
         if err[0] != k.OK:
             self._raise(batch, err, b)
         return out
 
-    def _pool(self, values, lengths, has_weights, per_sample, layout, out, err, chunk) -> None:
+    def _pool(self, values, lengths, has_weights, per_sample, layout, out, err, chunk, parallel) -> None:
         k.pool(
             np.int64(values.data_ptr()),
             len(values),
@@ -182,6 +191,7 @@ class NumbaLookup:
             chunk,
             PREFETCH_DISTANCE,
             BAG_MAJOR_DIM,
+            parallel,
             out.numpy(),
             err,
         )
@@ -237,8 +247,9 @@ class NumbaTrainer:
     ) -> None:
         self.tables = tuple(tables)
         self.optimizer = optimizer
-        self.weights = {t.name: weights[t.name].detach().to("cpu", copy=True).contiguous() for t in tables}
-        self.lookup = NumbaLookup(self.tables, self.weights)
+        self.weights = {t.name: _trained_copy(weights[t.name]) for t in tables}
+        # The kernel updates the tables the lookup reads: the lookup must read these copies in place.
+        self.lookup = NumbaLookup(self.tables, self.weights, huge_pages=False)
         per_row = {"sgd": 0, "adagrad": None, "rowwise_adagrad": 1}[optimizer.kind]
         sizes = [t.num_embeddings * (t.embedding_dim if per_row is None else per_row) for t in self.tables]
         self.state = np.zeros(max(1, sum(sizes)), np.float32)

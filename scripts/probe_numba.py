@@ -8,7 +8,8 @@ The workloads are the four of the numba issue (fp32, uniform ids). Large ones al
 
 Prints, per workload and backend, the median time, the ratio to numba, and GB/s of rows read
 (ids x dim x bytes per element), next to the machine's memory-copy bandwidth (read + write).
-Numba variants for tuning: ``--backends "numba;numba:chunk=32,ahead=8;torch"``.
+Numba variants for tuning: ``--backends "numba;numba:chunk=32,ahead=8;torch"``; ``huge=0`` reads
+large tables where the caller holds them instead of from a copy on huge pages (`impls.huge_pages`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+import impls.huge_pages as huge_pages
 import impls.numba_fused as numba_fused
 from harness.backend import load_backend
 from harness.model import JaggedBatch, TableConfig
@@ -71,20 +73,22 @@ def numba_settings(name: str) -> None:
     numba_fused.CHUNKS_PER_THREAD = int(given.get("per", PER))
     numba_fused.PREFETCH_DISTANCE = int(given.get("ahead", AHEAD))
     numba_fused.SERIAL_WORK = int(given.get("serial", SERIAL))
+    huge_pages.MIN_TABLE_BYTES = HUGE if int(given.get("huge", 1)) else 1 << 62
 
 
 CHUNK, AHEAD, SERIAL = numba_fused.CHUNK, numba_fused.PREFETCH_DISTANCE, numba_fused.SERIAL_WORK
 PER = numba_fused.CHUNKS_PER_THREAD
+HUGE = huge_pages.MIN_TABLE_BYTES
 
 
 def probe(w: Workload, backends: list[str], reps: int) -> None:
     tables, weights, batch = build(w)
     lookups = {}
     for name in backends:
+        numba_settings(name)
         t0 = time.perf_counter()
         lookups[name] = load_backend(name.partition(":")[0]).prepare(tables, weights)
         prepare_s = time.perf_counter() - t0
-        numba_settings(name)
         for _ in range(3):
             lookups[name](batch)
         print(f"  {name}: prepare {prepare_s:.3f} s")
@@ -111,7 +115,7 @@ def main() -> None:
     parser.add_argument(
         "--backends",
         default="numba,torch",
-        help="comma-separated; numba:chunk=32,ahead=8,serial=0,per=2 overrides the numba settings",
+        help="comma-separated; numba:chunk=32,ahead=8,serial=0,per=2,huge=0 overrides the numba settings",
     )
     parser.add_argument("--reps", type=int, default=15)
     args = parser.parse_args()

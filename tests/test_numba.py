@@ -374,3 +374,59 @@ def test_serial_path_restores_the_thread_count(backend):
     with pytest.raises(ValueError):
         lookup(good_batch(values=torch.tensor([1, 2, 3, 9, 4, 0, 99])))
     assert numba.get_num_threads() == before
+
+
+def test_large_tables_are_read_from_huge_page_copies_and_agree(backend, monkeypatch):
+    """With the size limit at 0 every table, float or quantized, is read from its own copy on huge
+    pages (`impls.huge_pages`): the lookups agree, and no caller tensor is what the kernel reads."""
+    from harness.quantized import quantize_rows
+    from impls import huge_pages
+
+    monkeypatch.setattr(huge_pages, "MIN_TABLE_BYTES", 0)
+    for seed in range(12):
+        p = random_problem(seed)
+        assert_agrees(backend, p.tables, p.weights, p.batch)
+    tables = [
+        table("a", 40, 24, ["x"], dtype=torch.float16),
+        table("q", 30, 8, ["y"], dtype="int8"),
+        table("b", 10, 300, ["z"]),
+    ]
+    weights = make_weights([tables[0], tables[2]], seed=5)
+    weights["q"] = quantize_rows(torch.randn(30, 8, generator=torch.Generator().manual_seed(1)), "int8")
+    batch = bags_batch(tables, 9, seed=2)
+    assert_agrees(backend, tables, weights, batch)
+    lookup = numba_fused.NumbaLookup(tables, weights)
+    for stored, t in zip(lookup.storage, tables, strict=True):
+        assert stored.data_ptr() % huge_pages.HUGE_PAGE_BYTES == 0, t.name
+    assert lookup.storage[0].data_ptr() != weights["a"].data_ptr()
+    assert torch.equal(lookup.storage[0], weights["a"]) and torch.equal(lookup.storage[2], weights["b"])
+
+
+def test_small_float_tables_are_read_in_place(backend):
+    tables = [table("a", 40, 24, ["x"])]
+    weights = make_weights(tables, seed=5)
+    assert numba_fused.NumbaLookup(tables, weights).storage[0].data_ptr() == weights["a"].data_ptr()
+
+
+def test_the_trainer_updates_the_huge_page_copies_its_lookup_reads(monkeypatch):
+    """A trainer's tables on huge pages: the step's result agrees with the contract, and the
+    weights it returns are the ones its lookup reads (not a stale copy)."""
+    from harness.training.check import check_training
+    from harness.training.contract import OptimizerConfig
+    from harness.training.problem import TrainingProblem
+    from impls import huge_pages
+
+    monkeypatch.setattr(huge_pages, "MIN_TABLE_BYTES", 0)
+    tables = (table("t0", 6, 4, ["f0", "f1"]), table("t1", 5, 4, ["f2"]))
+    batch = JaggedBatch.from_bags({"f0": [[1, 1], [3]], "f1": [[2], []], "f2": [[0, 4], [4]]})
+    g = torch.Generator().manual_seed(0)
+    weights = {t.name: torch.randn(t.num_embeddings, 4, generator=g) for t in tables}
+    steps = [(batch, torch.randn(2, 12, generator=g)) for _ in range(3)]
+    problem = TrainingProblem.of(tables, weights, OptimizerConfig("rowwise_adagrad", 0.1), steps)
+    verdict = check_training(NumbaFused(), problem)
+    assert verdict.outcome is Outcome.AGREE, verdict.detail
+    trainer = NumbaFused().prepare_training(tables, weights, OptimizerConfig("sgd", 0.5))
+    result = trainer(batch, torch.ones(2, 12))
+    for t, stored in zip(tables, trainer.lookup.storage, strict=True):
+        assert stored.data_ptr() == result.weights[t.name].data_ptr()
+        assert stored.data_ptr() % huge_pages.HUGE_PAGE_BYTES == 0
