@@ -449,6 +449,27 @@ def test_rounds_interleave_every_backend_in_a_new_seeded_order() -> None:
     assert timed(7).orders == run.orders and timed(8).orders != run.orders  # seeded
 
 
+def test_a_warm_up_call_before_each_span_makes_warm_mean_warm_for_that_case() -> None:
+    """``a`` and ``b`` read the same tables, ``c`` its own copy: a call finds its data cached only
+    when the call before it read the same tables. Without a warm-up call, ``a``'s span depends on
+    whether ``b`` or ``c`` ran just before it; with one, every span is the warm cost."""
+    machine = FakeMachine()
+    reads = {"a": "shared", "b": "shared", "c": "own"}
+    cached = [None]
+
+    def call(name: str) -> None:
+        machine.spend(0.001 if cached[0] == reads[name] else 0.003)
+        cached[0] = reads[name]
+
+    def spans(warm_up_calls: int) -> list[float]:
+        slots = [Slot(n, lambda n=n: call(n), warm_up_calls=warm_up_calls) for n in reads]
+        run = time_interleaved(slots, 30, rng=np.random.default_rng(3), timer=machine.timer)
+        return run.slots[0].seconds
+
+    assert len({round(x, 6) for x in spans(0)}) == 2  # warm after b, cold after c
+    assert spans(1) == pytest.approx([0.001] * 30)
+
+
 def test_interleaving_gives_the_true_ratio_through_a_burst_that_block_timing_gets_wrong() -> None:
     machine = FakeMachine()
     machine.slowness = lambda t: 3.0 if t > 0.04 else 1.0  # a co-tenant's burst from t = 40 ms on

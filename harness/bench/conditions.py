@@ -59,7 +59,11 @@ def cache_state(flush_mib: int | None) -> dict[str, object]:
             "flush_mib": flush_mib,
             "how": f"a {flush_mib} MiB buffer read and written before every timed call; one call per span",
         }
-    return {"caches": "warm", "flush_mib": None, "how": "no flush: each call finds what the previous left"}
+    return {
+        "caches": "warm",
+        "flush_mib": None,
+        "how": "no flush: one untimed call of the same case just before each timed span",
+    }
 
 
 @contextmanager

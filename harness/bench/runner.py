@@ -280,7 +280,8 @@ class _Run:
 
     def plan(self, workload: Workload, prepared: Sequence[_Prepared]) -> int:
         """Set each slot's iterations (calibrated in the first repeat, kept for the others; one
-        when the caches are flushed) and return the rounds that fill the workload's budget."""
+        when the caches are flushed) and its warm-up call before each span (none when the caches
+        are flushed), and return the rounds that fill the workload's budget."""
         c = self.config
         round_s = 0.0
         for p in prepared:
@@ -290,7 +291,8 @@ class _Run:
                 self.iterations[key] = 1 if self.flush else iterations
                 p.per_call = per_call
             p.slot.iterations = self.iterations[key]
-            round_s += p.per_call * p.slot.iterations
+            p.slot.warm_up_calls = 0 if self.flush else 1
+            round_s += p.per_call * (p.slot.iterations + p.slot.warm_up_calls)
         if self.probe is not None:
             round_s += self.probe()
         return plan_rounds(round_s, c.max_time * len(prepared), c.min_rounds, c.max_rounds)

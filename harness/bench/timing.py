@@ -10,8 +10,8 @@ So this loop does the rounds itself, with pytest-benchmark's timer
 1. the noise probe runs (a fixed reference kernel, `harness.bench.noise`), timed on its own;
 2. the slots run in an order drawn from a seeded generator (a new permutation each round), each
    ``iterations`` times between two reads of the timer; before each slot the caches may be flushed
-   (``between``, `harness.bench.conditions.CacheFlush`) and the device synchronised (``sync``), both
-   outside the timed span; the garbage collector is off during the span, as with
+   (``between``, `harness.bench.conditions.CacheFlush`), or the slot called ``warm_up_calls`` times,
+   and the device synchronised (``sync``), all outside the timed span; the garbage collector is off during the span, as with
    ``--benchmark-disable-gc``.
 
 Warm-up rounds go the same way and are not recorded. A slot that raises is dropped from the rounds
@@ -34,12 +34,16 @@ Timer = Callable[[], float]
 
 @dataclass
 class Slot:
-    """One case in the rounds: the call to time, how many times per round, how to synchronise."""
+    """One case in the rounds: the call to time, how many times per round, how to synchronise, and
+    how many untimed calls go just before each span (``warm_up_calls``: the caches then hold what
+    this case reads, not what the case before it in the round left; two backends reading the same
+    tables would otherwise warm them for each other, by the luck of the round's order)."""
 
     name: str
     call: Callable[[], Any]
     iterations: int = 1
     sync: Callable[[], None] | None = None
+    warm_up_calls: int = 0
 
 
 @dataclass
@@ -67,7 +71,10 @@ class Interleaved:
 
 
 def time_one(slot: Slot, timer: Timer = default_timer) -> float:
-    """Seconds for one span of ``slot`` (its iterations), the device synchronised before and after."""
+    """Seconds for one span of ``slot`` (its iterations), after its untimed warm-up calls, the
+    device synchronised before and after."""
+    for _ in range(slot.warm_up_calls):
+        slot.call()
     if slot.sync is not None:
         slot.sync()
     start = timer()
