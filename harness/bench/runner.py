@@ -124,7 +124,8 @@ class _Run:
         self.unsupported: list[dict[str, Any]] = []
         self.known: list[dict[str, Any]] = []
         self.windows: list[dict[str, Any]] = []
-        self.iterations: dict[tuple[str, str], int] = {}
+        # (workload, slot) -> (seconds per call, iterations per span), from the first repeat.
+        self.calibrated: dict[tuple[str, str], tuple[float, int]] = {}
         self.recorded: set[tuple[str, str, str]] = set()
         self.done = 0
         self.bandwidth: dict[str, Any] | None = None
@@ -286,11 +287,10 @@ class _Run:
         round_s = 0.0
         for p in prepared:
             key = (workload.name, p.slot.name)
-            if key not in self.iterations:
+            if key not in self.calibrated:
                 per_call, iterations = calibrate(p.slot, min_round_s=c.min_round_s, **self.timer_kw)
-                self.iterations[key] = 1 if self.flush else iterations
-                p.per_call = per_call
-            p.slot.iterations = self.iterations[key]
+                self.calibrated[key] = (per_call, 1 if self.flush else iterations)
+            p.per_call, p.slot.iterations = self.calibrated[key]
             p.slot.warm_up_calls = 0 if self.flush else 1
             round_s += p.per_call * (p.slot.iterations + p.slot.warm_up_calls)
         if self.probe is not None:

@@ -11,8 +11,8 @@ So this loop does the rounds itself, with pytest-benchmark's timer
 2. the slots run in an order drawn from a seeded generator (a new permutation each round), each
    ``iterations`` times between two reads of the timer; before each slot the caches may be flushed
    (``between``, `harness.bench.conditions.CacheFlush`), or the slot called ``warm_up_calls`` times,
-   and the device synchronised (``sync``), all outside the timed span; the garbage collector is off during the span, as with
-   ``--benchmark-disable-gc``.
+   and the device synchronised (``sync``), all outside the timed span; the garbage collector is
+   off during the span, as with ``--benchmark-disable-gc``.
 
 Warm-up rounds go the same way and are not recorded. A slot that raises is dropped from the rounds
 that follow; its error and round are kept. ``timer`` can be replaced (the tests use a fake clock).
