@@ -564,6 +564,41 @@ def test_noise_monitor_warns_about_the_window_where_the_machine_drifted() -> Non
     )
 
 
+class CompilingBackend(PacedBackend):
+    """A paced backend whose first call after each ``prepare`` costs a second more (a compile)."""
+
+    def prepare(self, tables, weights):  # type: ignore[no-untyped-def]
+        lookup, first = super().prepare(tables, weights), [True]
+
+        def compiling(batch):  # type: ignore[no-untyped-def]
+            if first[0]:
+                first[0] = False
+                self.machine.spend(1.0)
+            return lookup(batch)
+
+        return compiling
+
+
+def test_every_repeat_plans_its_rounds_from_the_calibrated_call_not_the_first(tmp_path: Path) -> None:
+    """The rounds that fill the time budget are planned from the calibrated time per call in
+    every repeat; planned from a repeat's first call (its compile) they were far fewer."""
+    machine = FakeMachine()
+    config = paced_config(
+        machine,
+        tmp_path / "c.json",
+        {"fast": [0.001]},
+        repeat=2,
+        min_rounds=5,
+        max_rounds=10_000,
+        max_time=0.2,
+    )
+    config.backends = [CompilingBackend("fast", machine, [0.001])]
+    run_bench(config)
+    (bench,) = json.loads((tmp_path / "c.json").read_text())["benchmarks"]
+    per_repeat = [bench["extra_info"]["rounds"]["repeat"].count(r) for r in (0, 1)]
+    assert per_repeat[0] > 20 and per_repeat[1] == per_repeat[0], per_repeat
+
+
 def test_repeat_reports_each_speedups_spread_and_keeps_pytest_benchmarks_stats(tmp_path: Path) -> None:
     machine = FakeMachine()
     # slow is 2.0x fast's time in the first repeat and 2.2x in the second: a spread of 1.1.
