@@ -46,7 +46,9 @@ PREFETCH_DISTANCE = 12
 # Tables of this dim or more are pooled bag by bag (`impls.numba_kernels.pool`). Measured on the
 # wide workload (2 x 2M rows of 256 float32, scripts/probe_numba.py): 21.6 ms run by run in
 # blocks of 256 columns, 12.0 ms bag by bag in blocks of 64 (32: 15.7, 128: 16.3), torch 11.7.
-BAG_MAJOR_DIM = 128
+# Dim 128 is faster run by run in one block of 128 (sweep-D-128: 3.53 ms, bag by bag 4.89, torch
+# 5.98; interleaved medians of 21 calls with huge pages, 2026-12-01), hence 256, not 128.
+BAG_MAJOR_DIM = 256
 
 # Below this many elements read (ids x widest dim), a batch is pooled on one thread: waking the
 # other threads costs more than they save, far more when the machine is busy (scripts/probe_numba.py).
