@@ -49,6 +49,8 @@ PREFETCH_DISTANCE = 12
 # Dim 128 is faster run by run in one block of 128 (sweep-D-128: 3.53 ms, bag by bag 4.89, torch
 # 5.98; interleaved medians of 21 calls with huge pages, 2026-12-01), hence 256, not 128.
 BAG_MAJOR_DIM = 256
+# The widest column block of a table pooled bag by bag (a power of two).
+BAG_MAJOR_WIDTH = 64
 
 # Below this many elements read (ids x widest dim), a batch is pooled on one thread: waking the
 # other threads costs more than they save, far more when the machine is busy (scripts/probe_numba.py).
@@ -193,6 +195,7 @@ class NumbaLookup:
             chunk,
             PREFETCH_DISTANCE,
             BAG_MAJOR_DIM,
+            BAG_MAJOR_WIDTH,
             parallel,
             out.numpy(),
             err,

@@ -50,9 +50,6 @@ LENGTHS_MISMATCH = 2
 BAD_ID = 3
 NO_LOOP = 4  # no generated loop for a table's (storage kind, block width): a bug, not bad input
 
-# Column blocks of a table pooled bag by bag (`pool`'s ``bag_major_dim``) are at most this wide.
-BAG_MAJOR_WIDTH = 64
-
 __all__ = ["KIND_BF16", "KIND_F16", "KIND_F32", "KIND_I2", "KIND_I4", "KIND_I8", "pool"]
 
 
@@ -133,7 +130,7 @@ def _pool_run(
 def _pool_chunk(
     c, chunk, batch, ids, ids_end, lengths, lengths_address, feature_table, feature_col, table_address,
     table_rows, table_dim, table_row_bytes, table_kind, table_mean, weights_address, weight_step,
-    ahead_by, bag_major_dim, out_address, out_columns, starts, err, bad,
+    ahead_by, bag_major_dim, bag_major_width, out_address, out_columns, starts, err, bad,
 ):  # fmt: skip
     """Pool chunk ``c`` (samples ``c * chunk`` on) of every feature; `pool`'s work item.
 
@@ -161,7 +158,7 @@ def _pool_chunk(
         for s in range(s0, s1):
             bag_out = out_address + (s * out_columns + feature_col[f]) * 4
             _pool_run(
-                kind, dim, BAG_MAJOR_WIDTH, ids, lengths_address + (f * batch + s) * 8, 1, position,
+                kind, dim, bag_major_width, ids, lengths_address + (f * batch + s) * 8, 1, position,
                 ids_end, table_address[t], table_rows[t], row_bytes, weights_address, weight_step,
                 ahead_by, mean, bag_out, out_stride, err, bad, c,
             )  # fmt: skip
@@ -186,6 +183,7 @@ def pool(
     chunk,
     ahead_by,
     bag_major_dim,
+    bag_major_width,
     parallel,
     out,
     err,
@@ -206,9 +204,9 @@ def pool(
     more than the second thread saves). ``err`` (int64[4]) receives the code, position, value and
     limit of the first error.
 
-    A table of dim ``bag_major_dim`` or more is pooled bag by bag: every column block
-    (at most `BAG_MAJOR_WIDTH` wide) of one bag before the next, so a bag's rows are read from
-    memory once and stay in cache for its other blocks, and a block's loop is short enough that
+    A table of dim ``bag_major_dim`` or more is pooled bag by bag: every column block (at most
+    ``bag_major_width`` wide, a power of two) of one bag before the next, so a bag's rows are read
+    from memory once and stay in cache for its other blocks, and a block's loop is short enough that
     the core keeps the loads of many rows in flight (each a page-table walk as well as a cache
     miss in a large table, which the prefetch does not hide). Narrower rows are pooled a run of
     ``chunk`` bags at a time, block after block, each block as wide as the row allows (up to
@@ -259,16 +257,16 @@ def pool(
             _pool_chunk(
                 c, chunk, batch, ids, n_ids - 1, lengths, lengths_address, feature_table, feature_col,
                 table_address, table_rows, table_dim, table_row_bytes, table_kind, table_mean,
-                weights_address, weight_step, ahead_by, bag_major_dim, out_address, out.shape[1],
-                starts, err, bad,
+                weights_address, weight_step, ahead_by, bag_major_dim, bag_major_width, out_address,
+                out.shape[1], starts, err, bad,
             )  # fmt: skip
     else:
         for c in range(n_chunks):
             _pool_chunk(
                 c, chunk, batch, ids, n_ids - 1, lengths, lengths_address, feature_table, feature_col,
                 table_address, table_rows, table_dim, table_row_bytes, table_kind, table_mean,
-                weights_address, weight_step, ahead_by, bag_major_dim, out_address, out.shape[1],
-                starts, err, bad,
+                weights_address, weight_step, ahead_by, bag_major_dim, bag_major_width, out_address,
+                out.shape[1], starts, err, bad,
             )  # fmt: skip
     if err[0] == NO_LOOP:
         return
