@@ -52,9 +52,12 @@ BAG_MAJOR_DIM = 256
 # The widest column block of a table pooled bag by bag (a power of two).
 BAG_MAJOR_WIDTH = 64
 
-# Below this many elements read (ids x widest dim), a batch is pooled on one thread: waking the
-# other threads costs more than they save, far more when the machine is busy (scripts/probe_numba.py).
-SERIAL_WORK = 1 << 20
+# Below this many elements read (ids x widest dim), a batch is pooled on the calling thread:
+# entering the parallel region (about 25 us) costs more than the second thread saves. Above it,
+# the parallel path won on a quiet machine and with one spinning process alike (sweep-D-8 at 2^19
+# elements: 0.327 -> 0.245 ms quiet, 1.35 -> 0.80 ms under load 1), and lost only under heavy load
+# (4 spinning processes: 12 -> 24 ms, a scheduler quantum per thread); scripts/probe_numba.py.
+SERIAL_WORK = 1 << 17
 
 _KIND = {
     torch.float32: k.KIND_F32,

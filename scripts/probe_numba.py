@@ -8,6 +8,7 @@ The workloads are the four of the numba issue (fp32, uniform ids). Large ones al
 
 Prints, per workload and backend, the median time, the ratio to numba, and GB/s of rows read
 (ids x dim x bytes per element), next to the machine's memory-copy bandwidth (read + write).
+``--bench-workload sweep-D-8`` probes a workload of cases/workloads/ instead (no GB/s).
 Numba variants for tuning: ``--backends "numba;numba:chunk=32,ahead=8;torch"``; ``huge=0`` reads
 large tables where the caller holds them instead of from a copy on huge pages (`impls.huge_pages`).
 """
@@ -24,6 +25,7 @@ import torch
 import impls.huge_pages as huge_pages
 import impls.numba_fused as numba_fused
 from harness.backend import load_backend
+from harness.bench.workloads import get_workloads
 from harness.model import JaggedBatch, TableConfig
 
 
@@ -83,6 +85,19 @@ HUGE = huge_pages.MIN_TABLE_BYTES
 
 def probe(w: Workload, backends: list[str], reps: int) -> None:
     tables, weights, batch = build(w)
+    probe_problem(w.name, tables, weights, batch, backends, reps, len(batch.values) * w.dim * 4)
+
+
+def probe_problem(
+    label: str,
+    tables: list[TableConfig],
+    weights: dict[str, torch.Tensor],
+    batch: JaggedBatch,
+    backends: list[str],
+    reps: int,
+    bytes_read: int | None,
+) -> None:
+    """Interleaved medians of ``backends`` on one problem (GB/s of rows read when ``bytes_read``)."""
     lookups = {}
     for name in backends:
         numba_settings(name)
@@ -99,13 +114,13 @@ def probe(w: Workload, backends: list[str], reps: int) -> None:
             t0 = time.perf_counter()
             f(batch)
             times[name].append(time.perf_counter() - t0)
-    bytes_read = len(batch.values) * w.dim * 4
     base = statistics.median(times[backends[0]])
-    for name in backends:
-        m = statistics.median(times[name])
+    for backend in backends:
+        m = statistics.median(times[backend])
+        rate = f"  {bytes_read / m / 1e9:6.1f} GB/s" if bytes_read else ""
         print(
-            f"{w.name:15s} {name:24s} median {m * 1e3:8.3f} ms  {base / m:5.2f}x vs {backends[0]}"
-            f"  speedup of {backends[0]}: {m / base:5.2f}x  {bytes_read / m / 1e9:6.1f} GB/s"
+            f"{label:15s} {backend:24s} median {m * 1e3:8.3f} ms  {base / m:5.2f}x vs {backends[0]}"
+            f"  speedup of {backends[0]}: {m / base:5.2f}x{rate}"
         )
 
 
@@ -117,12 +132,24 @@ def main() -> None:
         default="numba,torch",
         help="comma-separated; numba:chunk=32,ahead=8,serial=0,per=2,huge=0 overrides the numba settings",
     )
+    parser.add_argument(
+        "--bench-workload",
+        action="append",
+        default=[],
+        help="a workload of cases/workloads/ (e.g. sweep-D-8), built as jagbench bench builds it",
+    )
     parser.add_argument("--reps", type=int, default=15)
     args = parser.parse_args()
+    backends = args.backends.split(";") if ";" in args.backends else args.backends.split(",")
     chosen = [w for w in WORKLOADS if not args.workload or w.name in args.workload]
+    if args.bench_workload and not args.workload:
+        chosen = []
     print(f"threads: torch {torch.get_num_threads()}; memory copy {copy_bandwidth():.1f} GB/s (read+write)")
     for w in chosen:
-        probe(w, args.backends.split(";") if ";" in args.backends else args.backends.split(","), args.reps)
+        probe(w, backends, args.reps)
+    for workload in get_workloads(args.bench_workload) if args.bench_workload else []:
+        p = workload.problem()
+        probe_problem(workload.name, list(p.tables), dict(p.weights), p.batch, backends, args.reps, None)
 
 
 if __name__ == "__main__":
