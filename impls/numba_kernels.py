@@ -252,22 +252,18 @@ def pool(
     weight_step = 4 if has_weights else 0
     out_address = _address(out)
     bad = np.full(n_chunks, -1, np.int64)
+    # What every chunk is pooled with (one tuple, so that both loops below call the same thing).
+    work = (
+        chunk, batch, ids, n_ids - 1, lengths, lengths_address, feature_table, feature_col, table_address,
+        table_rows, table_dim, table_row_bytes, table_kind, table_mean, weights_address, weight_step,
+        ahead_by, bag_major_dim, bag_major_width, out_address, out.shape[1], starts, err, bad,
+    )  # fmt: skip
     if parallel:
         for c in prange(n_chunks):
-            _pool_chunk(
-                c, chunk, batch, ids, n_ids - 1, lengths, lengths_address, feature_table, feature_col,
-                table_address, table_rows, table_dim, table_row_bytes, table_kind, table_mean,
-                weights_address, weight_step, ahead_by, bag_major_dim, bag_major_width, out_address,
-                out.shape[1], starts, err, bad,
-            )  # fmt: skip
+            _pool_chunk(c, *work)
     else:
         for c in range(n_chunks):
-            _pool_chunk(
-                c, chunk, batch, ids, n_ids - 1, lengths, lengths_address, feature_table, feature_col,
-                table_address, table_rows, table_dim, table_row_bytes, table_kind, table_mean,
-                weights_address, weight_step, ahead_by, bag_major_dim, bag_major_width, out_address,
-                out.shape[1], starts, err, bad,
-            )  # fmt: skip
+            _pool_chunk(c, *work)
     if err[0] == NO_LOOP:
         return
     first = _first_error(bad)
