@@ -4,7 +4,7 @@ Not a test and not the benchmark suite: a measurement for issue-style questions 
 examples per second can ``jagbench fuzz`` reach, and what is the harness's share?").
 
 1. **Generation floor.** The fuzz driver's ``@given`` (the problem strategy, the metamorphic
-   relation and its seed, Hypothesis's generate phase only, the ``campaign`` profile) around a test
+   relation and its seed) under the driver's own settings (`driver._settings`) around a test
    body that does nothing: Hypothesis's engine and the draws alone; then with `build_problem`, the
    seeded bulk data; and, for scale, the same decorator over one integer draw.
 2. **Breakdown of a run.** `fuzz_backend` on a backend for a time budget, with a timer around each
@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from hypothesis import Phase, Verbosity, given, settings
+from hypothesis import given
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
@@ -34,7 +34,6 @@ from harness.backend import load_backend
 from harness.fuzz import driver
 from harness.fuzz.metamorphic import RELATIONS
 from harness.fuzz.problem_spec import build_problem
-from harness.fuzz.profiles import register_profiles
 from harness.fuzz.strategies import problem_specs
 
 
@@ -44,17 +43,11 @@ class _Stop(BaseException):
 
 def generation_ms(strategy: st.SearchStrategy, seconds: float) -> tuple[int, float]:
     """Examples drawn in ``seconds`` by the driver's decorator around a no-op body, and ms each."""
-    register_profiles()
     count, start = [0], time.perf_counter()
     relation = st.sampled_from((None, None, *RELATIONS))
 
     @hypothesis_seed(0)
-    @settings(
-        settings.get_profile("campaign"),
-        derandomize=False,
-        verbosity=Verbosity.quiet,
-        phases=[Phase.generate],
-    )
+    @driver._settings(None, seconds)
     @given(strategy, relation, st.integers(0, 2**31 - 1))
     def body(problem: object, relation_name: str | None, relation_seed: int) -> None:
         count[0] += 1

@@ -108,7 +108,6 @@ class _Prepared:
 
     case: BenchCase
     slot: Slot
-    per_call: float
     extra_info: dict[str, Any]
 
 
@@ -273,7 +272,7 @@ class _Run:
         }
         slot = Slot(case.backend.name, call, 1, sync)
         del result
-        return _Prepared(case, slot, one_call, extra)
+        return _Prepared(case, slot, extra)
 
     @property
     def timer_kw(self) -> dict[str, Timer]:
@@ -290,9 +289,9 @@ class _Run:
             if key not in self.calibrated:
                 per_call, iterations = calibrate(p.slot, min_round_s=c.min_round_s, **self.timer_kw)
                 self.calibrated[key] = (per_call, 1 if self.flush else iterations)
-            p.per_call, p.slot.iterations = self.calibrated[key]
+            per_call, p.slot.iterations = self.calibrated[key]
             p.slot.warm_up_calls = 0 if self.flush else 1
-            round_s += p.per_call * (p.slot.iterations + p.slot.warm_up_calls)
+            round_s += per_call * (p.slot.iterations + p.slot.warm_up_calls)
         if self.probe is not None:
             round_s += self.probe()
         return plan_rounds(round_s, c.max_time * len(prepared), c.min_rounds, c.max_rounds)
