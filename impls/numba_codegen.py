@@ -19,12 +19,16 @@ in registers from the row's fp16 scale and bias (``qparams`` bytes before the bl
 exist for the widths of at least a byte of codes (`quantized_widths`): validation takes int4 dims
 even and int2 dims multiples of 4, so every block starts on a byte.
 
-Arithmetic is exactly that of the reference's float32 contract: per column, the sum in id order
-of ``w * x`` (no FMA contraction: LLVM may not fuse without fast-math flags, none are set), then a
-division by the length for MEAN. So the result does not depend on the blocking or on threads. For
-a quantized row ``x`` is ``fl(s q + b)``: ``s q`` is exact in float32 (an 11-bit significand
-times a code below 256), the sum rounds once (``harness.tolerance``, "Quantized tables", bounds
-it), and then ``w * x`` and the sum follow in the same order.
+Arithmetic, per column: ``acc = fma(x, w, acc)`` in id order (one rounding per id; without
+per-sample weights ``w`` is 1.0 and this is ``fl(acc + x)`` exactly), then a division by the
+length for MEAN. No fast-math flags are set, so LLVM does not reassociate: the result does not
+depend on the blocking or on threads, and ``harness.tolerance`` bounds it (it allows each product
+rounded or not). For a quantized row ``x`` is ``fma(q, s, b)``, which equals ``fl(s q + b)``:
+``s q`` is exact in float32 (an 11-bit significand times a code below 256), so the sum is the one
+rounding (``harness.tolerance``, "Quantized tables", bounds it). The FMA is one instruction whose
+row load comes straight from memory; a separate multiply needs a register for the product, and
+on AVX2 a 128-column block's accumulators then spill (wide: numba / torch 1.02, 1.03, 1.03 ->
+1.17, 1.09, 1.16 in three alternating runs of ``scripts/probe_numba.py --warm``, 2026-12-01).
 
 Each generated function pools ``n_samples`` consecutive bags of one feature for one column block
 and returns the position (in ``values``) of the first id outside the table, or -1; bad ids are
@@ -145,18 +149,28 @@ def _load_codes(builder: ir.IRBuilder, address: ir.Value, width: int, kind: int)
     return builder.uitofp(wide, ir.VectorType(F32, width))
 
 
+def _fma(builder: ir.IRBuilder, x: ir.Value, y: ir.Value, z: ir.Value) -> ir.Value:
+    """``x * y + z`` on ``<width x float>`` vectors, rounded once (``llvm.fma``: one instruction on
+    FMA hardware, whose load can come straight from memory; a separate multiply and add need a
+    register for the product, which spilled a wide block's accumulators on AVX2)."""
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(x.type, [x.type] * 3), f"llvm.fma.v{x.type.count}f32"
+    )
+    return builder.call(fn, [x, y, z])
+
+
 def _dequantized_row(
     builder: ir.IRBuilder, codes_address: ir.Value, qparams: ir.Value, width: int, kind: int
 ) -> ir.Value:
-    """``scale * q + bias`` as ``<width x float>``: the product is exact (an fp16 scale times a code
-    below 256 fits float32's 24 bits), the sum rounded once; no FMA (no fast-math flags)."""
+    """``scale * q + bias`` as ``<width x float>``, one FMA: the product is exact (an fp16 scale
+    times a code below 256 fits float32's 24 bits), so this is ``fl(scale * q + bias)``."""
     scale_address = builder.add(codes_address, qparams)
     half_ptr = ir.PointerType(ir.HalfType())
     scale = builder.fpext(builder.load(builder.inttoptr(scale_address, half_ptr), align=1), F32)
     bias_address = builder.add(scale_address, I64(2))
     bias = builder.fpext(builder.load(builder.inttoptr(bias_address, half_ptr), align=1), F32)
     q = _load_codes(builder, codes_address, width, kind)
-    return builder.fadd(builder.fmul(q, _splat(builder, scale, width)), _splat(builder, bias, width))
+    return _fma(builder, q, _splat(builder, scale, width), _splat(builder, bias, width))
 
 
 def _prefetch_addresses(
@@ -256,8 +270,7 @@ def _define(module: ir.Module, width: int, kind: int) -> ir.Function:
         x = _load_row(b, row_address, width, kind)
     weight = b.add(a["weights"], b.mul(p, a["weight_step"]))
     w = b.load(b.inttoptr(weight, ir.PointerType(F32)), align=4)
-    x = b.fmul(x, _splat(b, w, width))
-    summed = b.fadd(acc, x)
+    summed = _fma(b, x, _splat(b, w, width), acc)
     b.branch(id_next)
 
     b.position_at_end(id_bad)

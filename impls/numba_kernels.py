@@ -12,9 +12,9 @@ pass sums each (feature, chunk) slice of ``lengths`` (checking every length) and
 sums into start offsets; then the one parallel pass walks, within its chunk, features outside and
 samples inside, so ``values`` is read contiguously. Each (feature, chunk) run of bags is pooled by
 a loop generated in LLVM IR (`impls.numba_codegen.pool_block`) per column block of the table's
-dim: the bag's sum stays in vector registers and is written to the output once, and the row of
-the id ``ahead_by`` positions ahead is prefetched (a random row is a cache miss; issuing it early
-hides most of the memory latency, see /work/shared/PERF-NOTES.md).
+dim: the bag's sum stays in vector registers (one FMA per id) and is written to the output once,
+and the row of the id ``ahead_by`` positions ahead is prefetched (a random row is a cache miss;
+issuing it early hides most of the memory latency, see /work/shared/PERF-NOTES.md).
 
 Ids are checked against their table inside the main pass: an unsigned compare catches negative
 and too-large ids in one test, the first bad position per chunk is recorded, and the caller raises

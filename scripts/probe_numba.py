@@ -10,12 +10,16 @@ Prints, per workload and backend, the median time, the ratio to numba, and GB/s 
 (ids x dim x bytes per element), next to the machine's memory-copy bandwidth (read + write).
 ``--bench-workload sweep-D-8`` probes a workload of cases/workloads/ instead (no GB/s).
 Numba variants for tuning: ``--backends "numba;numba:chunk=32,ahead=8;torch"``; ``huge=0`` reads
-large tables where the caller holds them instead of from a copy on huge pages (`impls.huge_pages`).
+large tables where the caller holds them instead of from a copy on huge pages (`impls.huge_pages`);
+``bagdim`` and ``width`` set where bag-by-bag pooling starts and its block width. Each round calls
+the backends in a fresh random order (a fixed order slows whichever comes first); ``--warm`` makes
+one untimed call of the same backend before each timed one, as ``jagbench bench`` does.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -75,17 +79,20 @@ def numba_settings(name: str) -> None:
     numba_fused.CHUNKS_PER_THREAD = int(given.get("per", PER))
     numba_fused.PREFETCH_DISTANCE = int(given.get("ahead", AHEAD))
     numba_fused.SERIAL_WORK = int(given.get("serial", SERIAL))
+    numba_fused.BAG_MAJOR_DIM = int(given.get("bagdim", BAG_DIM))
+    numba_fused.BAG_MAJOR_WIDTH = int(given.get("width", BAG_WIDTH))
     huge_pages.MIN_TABLE_BYTES = HUGE if int(given.get("huge", 1)) else 1 << 62
 
 
 CHUNK, AHEAD, SERIAL = numba_fused.CHUNK, numba_fused.PREFETCH_DISTANCE, numba_fused.SERIAL_WORK
 PER = numba_fused.CHUNKS_PER_THREAD
+BAG_DIM, BAG_WIDTH = numba_fused.BAG_MAJOR_DIM, numba_fused.BAG_MAJOR_WIDTH
 HUGE = huge_pages.MIN_TABLE_BYTES
 
 
-def probe(w: Workload, backends: list[str], reps: int) -> None:
+def probe(w: Workload, backends: list[str], reps: int, warm: bool) -> None:
     tables, weights, batch = build(w)
-    probe_problem(w.name, tables, weights, batch, backends, reps, len(batch.values) * w.dim * 4)
+    probe_problem(w.name, tables, weights, batch, backends, reps, len(batch.values) * w.dim * 4, warm)
 
 
 def probe_problem(
@@ -96,6 +103,7 @@ def probe_problem(
     backends: list[str],
     reps: int,
     bytes_read: int | None,
+    warm: bool = False,
 ) -> None:
     """Interleaved medians of ``backends`` on one problem (GB/s of rows read when ``bytes_read``)."""
     lookups = {}
@@ -108,9 +116,17 @@ def probe_problem(
             lookups[name](batch)
         print(f"  {name}: prepare {prepare_s:.3f} s")
     times: dict[str, list[float]] = {n: [] for n in backends}
+    # A fresh order each round: the first call of a round is slower (it follows the previous
+    # round's last backend, whose rows filled the cache), and a fixed order gives that to one backend.
+    order = random.Random(0)
+    names = list(lookups)
     for _ in range(reps):
-        for name, f in lookups.items():
+        order.shuffle(names)
+        for name in names:
+            f = lookups[name]
             numba_settings(name)
+            if warm:
+                f(batch)
             t0 = time.perf_counter()
             f(batch)
             times[name].append(time.perf_counter() - t0)
@@ -130,7 +146,10 @@ def main() -> None:
     parser.add_argument(
         "--backends",
         default="numba,torch",
-        help="comma-separated; numba:chunk=32,ahead=8,serial=0,per=2,huge=0 overrides the numba settings",
+        help=(
+            "comma-separated; numba:chunk=32,ahead=8,serial=0,per=2,huge=0,bagdim=128,width=32 "
+            "overrides the numba settings"
+        ),
     )
     parser.add_argument(
         "--bench-workload",
@@ -139,6 +158,11 @@ def main() -> None:
         help="a workload of cases/workloads/ (e.g. sweep-D-8), built as jagbench bench builds it",
     )
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument(
+        "--warm",
+        action="store_true",
+        help="one untimed call of the same backend before each timed one (as jagbench bench warms)",
+    )
     args = parser.parse_args()
     backends = args.backends.split(";") if ";" in args.backends else args.backends.split(",")
     chosen = [w for w in WORKLOADS if not args.workload or w.name in args.workload]
@@ -146,10 +170,12 @@ def main() -> None:
         chosen = []
     print(f"threads: torch {torch.get_num_threads()}; memory copy {copy_bandwidth():.1f} GB/s (read+write)")
     for w in chosen:
-        probe(w, backends, args.reps)
+        probe(w, backends, args.reps, args.warm)
     for workload in get_workloads(args.bench_workload) if args.bench_workload else []:
         p = workload.problem()
-        probe_problem(workload.name, list(p.tables), dict(p.weights), p.batch, backends, args.reps, None)
+        probe_problem(
+            workload.name, list(p.tables), dict(p.weights), p.batch, backends, args.reps, None, args.warm
+        )
 
 
 if __name__ == "__main__":
