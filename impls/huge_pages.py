@@ -24,7 +24,7 @@ HUGE_PAGE_BYTES = 2 << 20
 MIN_TABLE_BYTES = 16 << 20
 
 
-def _advised_bytes(n_bytes: int) -> np.ndarray:
+def advised_bytes(n_bytes: int) -> np.ndarray:
     """``n_bytes`` writable bytes starting on a huge-page boundary (the array keeps its mapping
     alive, and a tensor made from it keeps the array alive)."""
     if not hasattr(mmap, "MADV_HUGEPAGE"):
@@ -43,7 +43,7 @@ def huge_page_copy(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of ``tensor`` (any dtype and shape) in memory advised to huge pages."""
     source = tensor.detach().contiguous()
     n_bytes = source.numel() * source.element_size()
-    copy = torch.from_numpy(_advised_bytes(n_bytes)).view(source.dtype).view(source.shape)
+    copy = torch.from_numpy(advised_bytes(n_bytes)).view(source.dtype).view(source.shape)
     copy.copy_(source)
     return copy
 

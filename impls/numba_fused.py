@@ -30,6 +30,7 @@ from harness.validate import check_lookup_batch, validate_tables, validate_weigh
 from impls import numba_kernels as k
 from impls import numba_training as kt
 from impls.huge_pages import huge_page_copy, worth_huge_pages
+from impls.output_buffers import OutputBuffers
 
 # Samples per parallel work item; 0: the batch split into CHUNKS_PER_THREAD items per thread, of at
 # least MIN_CHUNK samples. Long chunks pay twice: each feature's ids are read in long runs, and
@@ -131,6 +132,8 @@ class NumbaLookup:
         self._layouts: dict[tuple[str, ...], _KeyLayout] = {}
         # Without per-sample weights the kernel multiplies by this 1.0 (exact) instead.
         self._no_weights = np.ones(1, np.float32)
+        # Large outputs reuse the memory of released ones (`impls.output_buffers`: page faults).
+        self._outputs = OutputBuffers()
 
     def compile(self) -> None:
         """Compile the kernel, or load it from the disk cache: one specialisation serves every batch."""
@@ -168,7 +171,7 @@ class NumbaLookup:
         lengths = batch.lengths.contiguous().to(torch.int64).numpy()
         has_weights = batch.weights is not None
         per_sample = batch.weights.contiguous().numpy() if has_weights else self._no_weights
-        out = torch.empty(b, self.width, dtype=torch.float32)
+        out = self._outputs.empty(b, self.width)
         err = np.zeros(4, np.int64)
         parallel = len(values) * self.max_dim >= SERIAL_WORK
         if parallel:

@@ -11,9 +11,12 @@ Prints, per workload and backend, the median time, the ratio to numba, and GB/s 
 ``--bench-workload sweep-D-8`` probes a workload of cases/workloads/ instead (no GB/s).
 Numba variants for tuning: ``--backends "numba;numba:chunk=32,ahead=8;torch"``; ``huge=0`` reads
 large tables where the caller holds them instead of from a copy on huge pages (`impls.huge_pages`);
+``outputs=0`` allocates every output with ``torch.empty`` instead of reusing released ones
+(`impls.output_buffers`);
 ``bagdim`` and ``width`` set where bag-by-bag pooling starts and its block width. Each round calls
 the backends in a fresh random order (a fixed order slows whichever comes first); ``--warm`` makes
-one untimed call of the same backend before each timed one, as ``jagbench bench`` does.
+one untimed call of the same backend before each timed one, as ``jagbench bench`` does;
+``--calls`` prints every timed call, to see outliers a median hides.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 
 import impls.huge_pages as huge_pages
 import impls.numba_fused as numba_fused
+import impls.output_buffers as output_buffers
 from harness.backend import load_backend
 from harness.bench.workloads import get_workloads
 from harness.model import JaggedBatch, TableConfig
@@ -82,17 +86,19 @@ def numba_settings(name: str) -> None:
     numba_fused.BAG_MAJOR_DIM = int(given.get("bagdim", BAG_DIM))
     numba_fused.BAG_MAJOR_WIDTH = int(given.get("width", BAG_WIDTH))
     huge_pages.MIN_TABLE_BYTES = HUGE if int(given.get("huge", 1)) else 1 << 62
+    output_buffers.MIN_BYTES = OUTPUT_BYTES if int(given.get("outputs", 1)) else 1 << 62
 
 
 CHUNK, AHEAD, SERIAL = numba_fused.CHUNK, numba_fused.PREFETCH_DISTANCE, numba_fused.SERIAL_WORK
 PER = numba_fused.CHUNKS_PER_THREAD
 BAG_DIM, BAG_WIDTH = numba_fused.BAG_MAJOR_DIM, numba_fused.BAG_MAJOR_WIDTH
 HUGE = huge_pages.MIN_TABLE_BYTES
+OUTPUT_BYTES = output_buffers.MIN_BYTES
 
 
-def probe(w: Workload, backends: list[str], reps: int, warm: bool) -> None:
+def probe(w: Workload, backends: list[str], reps: int, warm: bool, calls: bool) -> None:
     tables, weights, batch = build(w)
-    probe_problem(w.name, tables, weights, batch, backends, reps, len(batch.values) * w.dim * 4, warm)
+    probe_problem(w.name, tables, weights, batch, backends, reps, len(batch.values) * w.dim * 4, warm, calls)
 
 
 def probe_problem(
@@ -104,6 +110,7 @@ def probe_problem(
     reps: int,
     bytes_read: int | None,
     warm: bool = False,
+    calls: bool = False,
 ) -> None:
     """Interleaved medians of ``backends`` on one problem (GB/s of rows read when ``bytes_read``)."""
     lookups = {}
@@ -138,6 +145,11 @@ def probe_problem(
             f"{label:15s} {backend:24s} median {m * 1e3:8.3f} ms  {base / m:5.2f}x vs {backends[0]}"
             f"  speedup of {backends[0]}: {m / base:5.2f}x{rate}"
         )
+        if calls:
+            print(
+                "    every call, ms, fastest first:",
+                " ".join(f"{t * 1e3:.1f}" for t in sorted(times[backend])),
+            )
 
 
 def main() -> None:
@@ -147,7 +159,7 @@ def main() -> None:
         "--backends",
         default="numba,torch",
         help=(
-            "comma-separated; numba:chunk=32,ahead=8,serial=0,per=2,huge=0,bagdim=128,width=32 "
+            "comma-separated; numba:chunk=32,ahead=8,serial=0,per=2,huge=0,outputs=0,bagdim=128,width=32 "
             "overrides the numba settings"
         ),
     )
@@ -163,6 +175,9 @@ def main() -> None:
         action="store_true",
         help="one untimed call of the same backend before each timed one (as jagbench bench warms)",
     )
+    parser.add_argument(
+        "--calls", action="store_true", help="print every timed call, fastest first (to see outliers)"
+    )
     args = parser.parse_args()
     backends = args.backends.split(";") if ";" in args.backends else args.backends.split(",")
     chosen = [w for w in WORKLOADS if not args.workload or w.name in args.workload]
@@ -170,11 +185,19 @@ def main() -> None:
         chosen = []
     print(f"threads: torch {torch.get_num_threads()}; memory copy {copy_bandwidth():.1f} GB/s (read+write)")
     for w in chosen:
-        probe(w, backends, args.reps, args.warm)
+        probe(w, backends, args.reps, args.warm, args.calls)
     for workload in get_workloads(args.bench_workload) if args.bench_workload else []:
         p = workload.problem()
         probe_problem(
-            workload.name, list(p.tables), dict(p.weights), p.batch, backends, args.reps, None, args.warm
+            workload.name,
+            list(p.tables),
+            dict(p.weights),
+            p.batch,
+            backends,
+            args.reps,
+            None,
+            args.warm,
+            args.calls,
         )
 
 

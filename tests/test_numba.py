@@ -430,3 +430,36 @@ def test_the_trainer_updates_the_huge_page_copies_its_lookup_reads(monkeypatch):
     for t, stored in zip(tables, trainer.lookup.storage, strict=True):
         assert stored.data_ptr() == result.weights[t.name].data_ptr()
         assert stored.data_ptr() % huge_pages.HUGE_PAGE_BYTES == 0
+
+
+def test_released_outputs_are_reused_and_outputs_still_held_are_not(monkeypatch):
+    """`impls.output_buffers`: an output's memory serves a later call only once the output and
+    its views are gone, and every element of a reused buffer is written again (stale values from
+    the last batch, empty bags now, must not survive)."""
+    from impls import output_buffers
+
+    tables = [table("a", 50, 12, ["x", "y"]), table("b", 30, 300, ["z"], Pooling.MEAN, torch.float16)]
+    weights = make_weights(tables, 3)
+    full = bags_batch(tables, 64, seed=1, max_bag=8)
+    empty = JaggedBatch(full.keys, torch.zeros(0, dtype=torch.int64), torch.zeros_like(full.lengths))
+    batches = [full, empty, *(bags_batch(tables, 64, seed=s, max_bag=s % 9) for s in range(2, 8))]
+    fresh = numba_fused.NumbaLookup(tables, weights)
+    expected = [fresh(b) for b in batches]  # under MIN_BYTES: plain torch.empty outputs
+    monkeypatch.setattr(output_buffers, "MIN_BYTES", 0)
+    lookup = numba_fused.NumbaLookup(tables, weights)
+    first = lookup(full)
+    kept = first.clone()
+    second = lookup(full)
+    assert second.data_ptr() != first.data_ptr()
+    assert torch.equal(first, kept) and torch.equal(second, kept)
+    row = first[1]
+    addresses = {first.data_ptr(), second.data_ptr()}
+    del first
+    assert lookup._outputs.free_bytes() == 0, "a view still holds the output's memory"
+    del row, second
+    assert lookup._outputs.free_bytes() == 2 * kept.numel() * 4
+    for batch, want in zip(batches, expected, strict=True):
+        out = lookup(batch)
+        assert out.data_ptr() in addresses, "a released buffer was not reused"
+        assert torch.equal(out, want)
+        del out
