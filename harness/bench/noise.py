@@ -5,19 +5,23 @@ about as long as one call of a small workload, memory-bound like the lookups, an
 between threads like numba's kernel, so it slows down when a co-tenant takes a core or the memory
 bus. Its work never changes, so its time tracks the machine, not the code.
 
-Per timing window (one workload in one repeat), `window_noise` compares the probe's times with the
-run's reference level: the median probe of the run's quietest window (the smallest window median),
-that is, the machine at its steadiest during this run:
+Per timing window (one workload in one repeat), `window_noise` compares the probe's times with
+that workload's reference level: the median probe of its quietest window over the repeats. Only
+windows of the same workload are compared because the probe's time depends on what the rounds
+around it left in the caches: after a round of a large workload its 8 MiB buffer has been evicted
+and the sum runs up to 7x slower than after a cache-resident one (measured: 0.052 ms hot, 0.374 ms
+after a 256 MiB read), so a level taken across workloads reported every large workload as a busy
+machine. The figures:
 
-- ``level``: the window's median probe over the reference (>= 1): above 1 the machine was slower
-  while this workload was timed than at its best (absolute times and GB/s are then low; paired
-  ratios much less so, though a backend that suffers more from a busy core loses ground);
+- ``level``: the window's median probe over its workload's reference (>= 1): above 1 the machine
+  was slower in this repeat than in the workload's quietest one (absolute times and GB/s are then
+  low; paired ratios much less so, though a backend that suffers more from a busy core loses
+  ground). With one repeat it is 1 by construction: only the drift can warn;
 - ``drift``: the slowest over the fastest median of consecutive blocks of rounds within the window:
   the machine changed speed while the workload was timed;
 - ``noisy_rounds``: rounds whose probe exceeded the reference by more than the threshold.
 
-A window whose level or drift exceeds 1 + threshold gets a warning that names its cases. (A run of
-one workload has level 1 by construction: only its drift can warn.)
+A window whose level or drift exceeds 1 + threshold gets a warning that names its cases.
 """
 
 from __future__ import annotations
@@ -77,8 +81,8 @@ def block_medians(probe: Sequence[float]) -> list[float]:
 def window_noise(
     window: dict[str, Any], reference: float, threshold: float = DEFAULT_THRESHOLD
 ) -> WindowNoise | None:
-    """The noise figures of one window record (`harness.bench.runner`) against the run's ``reference``
-    level, or ``None`` without a probe."""
+    """The noise figures of one window record (`harness.bench.runner`) against its workload's
+    ``reference`` level, or ``None`` without a probe."""
     probe = window.get("probe") or []
     if not probe or reference <= 0:
         return None
@@ -95,35 +99,46 @@ def window_noise(
 
 
 def noise_summary(windows: Sequence[dict[str, Any]], threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
-    """The JSON's ``jagbench.noise``: the reference level (the quietest window's median probe),
-    every window's figures and the warnings."""
-    medians = [statistics.median(w["probe"]) for w in windows if w.get("probe")]
-    if not medians:
+    """The JSON's ``jagbench.noise``: each workload's reference level (its quietest window's median
+    probe), the run's quietest of those, every window's figures and the warnings."""
+    by_workload: dict[str, float] = {}
+    for w in windows:
+        if w.get("probe"):
+            median = statistics.median(w["probe"])
+            by_workload[w["workload"]] = min(median, by_workload.get(w["workload"], median))
+    if not by_workload:
         return {
             "kernel": PROBE_DESCRIPTION,
             "threshold": threshold,
             "reference_s": None,
+            "reference_by_workload_s": {},
             "windows": [],
             "warnings": [],
         }
-    reference = min(medians)
-    figures = [n for w in windows if (n := window_noise(w, reference, threshold)) is not None]
+    figures = [
+        n
+        for w in windows
+        if w.get("probe") and (n := window_noise(w, by_workload[w["workload"]], threshold)) is not None
+    ]
     return {
         "kernel": PROBE_DESCRIPTION,
         "threshold": threshold,
-        "reference_s": reference,
+        "reference_s": min(by_workload.values()),
+        "reference_by_workload_s": by_workload,
         "windows": [asdict(n) for n in figures],
         "warnings": noise_warnings(figures, threshold),
     }
 
 
 def noise_warnings(figures: Sequence[WindowNoise], threshold: float) -> list[str]:
-    """One line per window where the machine was off its run level or drifted, naming the cases."""
+    """One line per window where the machine was off its workload's level or drifted, naming the cases."""
     out = []
     for n in figures:
         why = []
         if n.level > 1 + threshold:
-            why.append(f"the reference kernel ran at {n.level:.2f}x its level in the quietest workload")
+            why.append(
+                f"the reference kernel ran at {n.level:.2f}x its level in this workload's quietest repeat"
+            )
         if n.drift > 1 + threshold:
             why.append(f"it drifted by {n.drift:.2f}x (slowest / fastest block of rounds)")
         if why:

@@ -199,9 +199,10 @@ def method_section(runs: Sequence[Run]) -> str:
         if noise.get("reference_s"):
             threshold = noise.get("threshold", 0.1)
             out.append(
-                f"- noise monitor: {noise.get('kernel')}; run median {noise['reference_s'] * 1e3:.3g} ms. "
-                f"A workload is flagged when the probe's median was off the run median, or drifted between "
-                f"blocks of rounds, by more than {threshold:.0%}."
+                f"- noise monitor: {noise.get('kernel')}; quietest median "
+                f"{noise['reference_s'] * 1e3:.3g} ms. A workload is flagged when the probe's median in a "
+                f"repeat was off its median in the workload's quietest repeat, or drifted between blocks "
+                f"of rounds, by more than {threshold:.0%}."
             )
             warnings = noise.get("warnings") or []
             out += [f"- **NOISE WARNING**: {w}" for w in warnings] or [
