@@ -118,7 +118,7 @@ def noise_summary(windows: Sequence[dict[str, Any]], threshold: float = DEFAULT_
     figures = [
         n
         for w in windows
-        if w.get("probe") and (n := window_noise(w, by_workload[w["workload"]], threshold)) is not None
+        if (n := window_noise(w, by_workload.get(w["workload"], 0.0), threshold)) is not None
     ]
     return {
         "kernel": PROBE_DESCRIPTION,
