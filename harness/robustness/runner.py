@@ -306,12 +306,41 @@ class _Running:
     eof: bool = False
 
 
+# How long `kill_group` waits for the killed group's processes to be gone.
+KILL_WAIT_S = 5.0
+
+
 def kill_group(pid: int) -> None:
-    """SIGKILL the process group the child made for itself (``pid`` is its leader)."""
+    """SIGKILL the process group the child made for itself (``pid`` is its leader), and wait (up to
+    `KILL_WAIT_S`) until none of its processes is still running: a SIGKILL takes effect when its
+    target is next scheduled, which on a busy machine came after the matrix had returned (a
+    process it started, such as a backend's helper, was then still alive)."""
     try:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
-        pass
+        return
+    deadline = time.monotonic() + KILL_WAIT_S
+    while _group_running(pid) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` runs still (a zombie has ended: it only awaits its
+    parent's wait). Where there is no ``/proc`` this cannot be told, and it says no."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return False
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # ended while we looked
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def _read_log(path: str) -> str:
