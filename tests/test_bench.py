@@ -641,11 +641,27 @@ def test_repeat_reports_each_speedups_spread_and_keeps_pytest_benchmarks_stats(t
     (flipped,) = all_pairs(list(reversed(data["benchmarks"])))  # the faster one first, whatever the order
     assert (flipped.fast, flipped.slow, flipped.speedup) == ("fast", "slow", pytest.approx(2.1))
     text = format_summary(result.output)
-    assert "| tiny     | fast over slow | 2.000 / 2.200      | 1.100   |" in text
-    assert "Largest spread: 1.100 (fast over slow on tiny)" in text
+    assert "| tiny     | fast over slow | 2.000 / 2.200      | 1.100   | faster in 2 of 2 |" in text
+    assert "Largest spread: 1.100 (fast over slow on tiny)" in text and "No stable verdict" not in text
     write_report([load_run(tmp_path / "r.json")], tmp_path / "report")
     md = (tmp_path / "report" / "report.md").read_text()
     assert "Spread of each paired speedup over 2 repeats (largest 1.100" in md and "0.50 / 0.45 (1.100)" in md
+
+
+def test_a_pair_whose_order_changes_between_repeats_is_reported_as_a_split_verdict(tmp_path: Path) -> None:
+    machine = FakeMachine()
+    # "b" takes 1.1 ms in the first repeat and 0.9 ms in the second, "a" 1 ms in both.
+    config = paced_config(machine, tmp_path / "s.json", {"a": [0.001], "b": [0.0011, 0.0009]}, repeat=2)
+    result = run_bench(config)
+    (pair,) = result.jagbench["pairs"]
+    assert pair["by_repeat"][0] > 1 > pair["by_repeat"][1] and pair["faster_in"] == 1
+    text = format_summary(result.output)
+    assert "| split: faster in 1 of 2 |" in text
+    expected = "No stable verdict for 1 pair(s), faster and slower in different repeats"
+    assert expected in text and f"{pair['backend']} and {pair['over']} on tiny." in text
+    write_report([load_run(tmp_path / "s.json")], tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "split: faster in 1 of 2" in md and expected in md
 
 
 def test_flush_and_load_apply_to_every_timed_call_and_are_recorded(tmp_path: Path) -> None:

@@ -78,6 +78,12 @@ class Speedup:
             return None
         return max(self.by_repeat) / min(self.by_repeat)
 
+    @property
+    def faster_in(self) -> int:
+        """Repeats in which ``fast`` was the faster one: fewer than all of them is a split verdict,
+        the two within the machine's run-to-run spread of each other."""
+        return sum(x > 1 for x in self.by_repeat)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "workload": self.workload,
@@ -89,6 +95,7 @@ class Speedup:
             "pairs": self.pairs,
             "by_repeat": list(self.by_repeat),
             "spread": self.spread,
+            "faster_in": self.faster_in,
             "paired": self.paired,
         }
 

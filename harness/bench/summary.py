@@ -2,7 +2,8 @@
 
 The same figures as the report (`harness.report.document`), shorter: per case its median, IQR,
 rounds, GB/s and paired speedup against the baseline with its 95% interval; with ``--repeat``,
-every pair's speedup per repeat and its spread (max / min); the conditions; the noise warnings.
+every pair's speedup per repeat, its spread (max / min) and whether its order held in every
+repeat; the conditions; the noise warnings.
 """
 
 from __future__ import annotations
@@ -67,19 +68,40 @@ def spread_pairs(
     return shown
 
 
+def verdict_text(pair: dict[str, Any]) -> str:
+    """``faster in 3 of 3``, or ``split: faster in 2 of 3`` when the order changed between repeats."""
+    n = len(pair["by_repeat"])
+    k = pair.get("faster_in", sum(x > 1 for x in pair["by_repeat"]))
+    return f"faster in {k} of {n}" if k == n else f"split: faster in {k} of {n}"
+
+
 def spread_table(pairs: Sequence[dict[str, Any]]) -> str:
-    """Per workload and pair: the speedup in each repeat and their max / min."""
+    """Per workload and pair: the speedup in each repeat, their max / min and whether the faster
+    one was faster in every repeat."""
     return markdown_table(
-        ["workload", "pair", "speedup per repeat", "max/min"],
+        ["workload", "pair", "speedup per repeat", "max/min", "verdict"],
         [
             [
                 p["workload"],
                 f"{p['backend']} over {p['over']}",
                 " / ".join(f"{x:.3f}" for x in p["by_repeat"]),
                 f"{p['spread']:.3f}",
+                verdict_text(p),
             ]
             for p in pairs
         ],
+    )
+
+
+def split_text(pairs: Sequence[dict[str, Any]]) -> str | None:
+    """One sentence naming the pairs whose order changed between repeats, or ``None``."""
+    split = [p for p in pairs if verdict_text(p).startswith("split")]
+    if not split:
+        return None
+    names = "; ".join(f"{p['backend']} and {p['over']} on {p['workload']}" for p in split)
+    return (
+        f"No stable verdict for {len(split)} pair(s), faster and slower in different repeats "
+        f"(within this machine's run-to-run spread of each other): {names}."
     )
 
 
@@ -113,6 +135,8 @@ def format_summary(output: dict[str, Any]) -> str:
             f"Largest spread: {worst['spread']:.3f} "
             f"({worst['backend']} over {worst['over']} on {worst['workload']}).",
         ]
+        if (split := split_text(pairs)) is not None:
+            parts += ["", split]
     parts += ["", conditions_text(section)]
     warnings = (section.get("noise") or {}).get("warnings") or []
     threshold = (section.get("noise") or {}).get("threshold")

@@ -23,7 +23,14 @@ from typing import Any
 from harness.bench.metrics import BYTE_MODEL
 from harness.bench.paired import speedup
 from harness.bench.runs import Run
-from harness.bench.summary import conditions_text, per_repeat_text, speedup_text, spread_pairs, spread_table
+from harness.bench.summary import (
+    conditions_text,
+    per_repeat_text,
+    speedup_text,
+    split_text,
+    spread_pairs,
+    spread_table,
+)
 from harness.bench.training import TRAIN_BYTE_MODEL
 from harness.cases import CASES_DIR, load_cases
 from harness.markdown import markdown_table
@@ -219,6 +226,8 @@ def method_section(runs: Sequence[Run]) -> str:
                 spread_table(pairs),
                 "",
             ]
+            if (split := split_text(pairs)) is not None:
+                out += [split, ""]
     return "\n".join(out)
 
 
