@@ -43,6 +43,13 @@ from impls.numba_codegen import (
     pool_block,
 )
 
+GENERATED_FROM = {"numba_codegen.py": "ba6c203d0ca2b9a33827177c256cd42305eae26a0d98642f586126b6a81654ec"}
+"""The SHA-256 of each module (in ``impls/``) whose generated code these kernels inline. numba's disk
+cache keys a kernel on the text of the file that defines it, not on the modules whose IR it inlines:
+without this an edit of `impls.numba_codegen` alone would load the previous build from the cache (in
+a clone, or in an installed package after an upgrade). ``tests/test_numba.py`` keeps it equal to the
+files, so such an edit changes this file too."""
+
 # Error codes written to ``err[0]`` (``err[1:4]`` = position, value, limit), read by the adapter.
 OK = 0
 BAD_LENGTH = 1

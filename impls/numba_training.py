@@ -63,6 +63,14 @@ from impls.numba_training_ir import (
     train_update,
 )
 
+GENERATED_FROM = {
+    "numba_codegen.py": "ba6c203d0ca2b9a33827177c256cd42305eae26a0d98642f586126b6a81654ec",
+    "numba_kernels.py": "ebbc37c602d77617be074bd9a3bf0fd14081040a0073dbf68dad77414f644f72",
+    "numba_training_ir.py": "2a668803134eeaf89bed3e039c38d307259bea002776a1a9022e08e028435e01",
+}
+"""The SHA-256 of each module (in ``impls/``) whose code or constants these kernels inline: numba's
+disk cache sees only this file's text (see `impls.numba_kernels.GENERATED_FROM`)."""
+
 SGD = 0
 ADAGRAD_CODE = 1
 ROWWISE_ADAGRAD = 2

@@ -366,6 +366,20 @@ def test_fresh_process_loads_from_the_disk_cache_and_honours_numba_num_threads(b
     assert one["sha"] == default["sha"]  # each bag is summed in the same order on any thread count
 
 
+@pytest.mark.parametrize("module", ["numba_kernels", "numba_training"])
+def test_the_cached_kernels_name_the_exact_text_of_the_modules_they_inline(module):
+    """numba keys its disk cache on the defining file's text only; `GENERATED_FROM` makes an edit of
+    an inlined module an edit of the kernel's file, so a stale build is never loaded."""
+    import hashlib
+    import importlib
+
+    kernels = importlib.import_module(f"impls.{module}")
+    folder = Path(kernels.__file__).parent
+    for name, recorded in kernels.GENERATED_FROM.items():
+        actual = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+        assert actual == recorded, f"{name} changed: set GENERATED_FROM[{name!r}] in {module}.py to {actual}"
+
+
 def test_serial_path_restores_the_thread_count(backend):
     numba = pytest.importorskip("numba")
     before = numba.get_num_threads()
