@@ -322,7 +322,7 @@ class NumbaTrainer:
         serial = n * lookup.max_dim < SERIAL_WORK
         groups = 1 if serial else threads
         fuse = FUSE_FORWARD
-        out = torch.empty(b, lookup.width, dtype=torch.float32) if fuse else None
+        out = lookup._outputs.empty(b, lookup.width) if fuse else None
         psw_grad = torch.empty(n if has_weights else 0, dtype=torch.float32)
         err = np.zeros(4, np.int64)
         if serial:

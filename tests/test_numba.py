@@ -477,3 +477,32 @@ def test_released_outputs_are_reused_and_outputs_still_held_are_not(monkeypatch)
         assert out.data_ptr() in addresses, "a released buffer was not reused"
         assert torch.equal(out, want)
         del out
+
+
+def test_the_trainers_forward_output_reuses_released_memory_and_is_written_in_full(monkeypatch):
+    """The trainer's fused forward takes its output from the lookup's pool, as the lookup does, and
+    no value of the step before survives in a reused buffer, empty bags included. A zero
+    grad_output keeps the weights (SGD), so every step is judged against the same tables' float64
+    reference (the trainer sums a bag's distinct rows in its own order, within tolerance)."""
+    from harness.agreement import Oracle
+    from harness.tolerance import compare
+    from harness.training.contract import OptimizerConfig
+    from impls import output_buffers
+
+    tables = [table("a", 50, 12, ["x", "y"]), table("b", 30, 40, ["z"], Pooling.MEAN)]
+    weights = make_weights(tables, 4)
+    full = bags_batch(tables, 64, seed=1, max_bag=8)
+    empty = JaggedBatch(full.keys, torch.zeros(0, dtype=torch.int64), torch.zeros_like(full.lengths))
+    batches = [full, empty, full, *(bags_batch(tables, 64, seed=s, max_bag=s % 5) for s in range(2, 6))]
+    monkeypatch.setattr(output_buffers, "MIN_BYTES", 0)
+    trainer = NumbaFused().prepare_training(tables, weights, OptimizerConfig("sgd", 0.5))
+    addresses = set()
+    for batch in batches:
+        out = trainer(batch, torch.zeros(64, 12 * 2 + 40)).output
+        addresses.add(out.data_ptr())
+        oracle = Oracle.of(tables, weights, batch)
+        comparison = compare(out, oracle.reference.value, oracle.tolerance)
+        assert comparison.agree, comparison.describe()
+        del out
+        assert trainer.lookup._outputs.free_bytes() > 0, "the output did not return to the pool"
+    assert len(addresses) <= 2, "released outputs were not reused"
