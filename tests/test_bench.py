@@ -16,7 +16,7 @@ import torch
 from pytest_benchmark.stats import Stats
 
 from harness.bench import runner as bench_runner
-from harness.bench.compare import compare_runs
+from harness.bench.compare import bootstrap_ratio, compare_runs
 from harness.bench.conditions import CacheFlush, background_load
 from harness.bench.forward import ForwardCase
 from harness.bench.metrics import byte_model
@@ -400,6 +400,52 @@ def test_compare_flags_a_30_percent_slowdown_and_not_a_1_percent_one(
     result = compare_runs(load_run(base), load_run(same))
     assert not result.regressions and result.geometric_mean == pytest.approx(1.01, abs=0.03)
     assert main(["compare", str(base), str(slow), "--threshold", "40%"]) == 0
+
+
+def _repeated_run(path: Path, repeat_ms: Sequence[float], seed: int) -> Path:
+    """One case whose repeats (40 rounds each) sit at ``repeat_ms``, each with 2% noise per round."""
+    rng = np.random.default_rng(seed)
+    data, repeats = [], []
+    for r, ms in enumerate(repeat_ms):
+        data += (ms * 1e-3 * rng.lognormal(0.0, 0.02, 40)).tolist()
+        repeats += [r] * 40
+    rounds = {"repeat": repeats, "round": list(range(40)) * len(repeat_ms), "position": [0] * len(data)}
+    bench = {
+        "name": "test_lookup[torch@w]",
+        "extra_info": {"backend": "torch", "workload": "w", "bytes": 1e8, "ids": 1e5, "rounds": rounds},
+        "stats": {"median": float(np.median(data)), "iqr": 0.0, "rounds": len(data), "data": data},
+    }
+    path.write_text(json.dumps({"machine_info": {}, "commit_info": {}, "benchmarks": [bench]}))
+    return path
+
+
+def test_compare_resamples_the_repeats_so_a_shift_between_repeats_is_not_a_regression(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same code in two runs: the base's repeats at 1.0, 1.0 and 1.4 ms (the machine changed
+    during the run), the new run's all at 1.4. By rounds alone that is a significant 40% regression;
+    with the repeats resampled it is within the base run's own spread. A slowdown beyond that spread
+    still is one."""
+    base = _repeated_run(tmp_path / "base.json", [1.0, 1.0, 1.4], 1)
+    same = _repeated_run(tmp_path / "same.json", [1.4, 1.4, 1.4], 2)
+    worse = _repeated_run(tmp_path / "worse.json", [2.2, 2.3, 2.25], 3)
+    result = compare_runs(load_run(base), load_run(same))
+    (change,) = result.changes
+    assert change.ratio > 1.3 and not result.single_repeat
+    assert change.low <= 1.0 <= change.high and not change.regressed, (change.low, change.high)
+    rounds_only = [
+        np.asarray(json.loads(f.read_text())["benchmarks"][0]["stats"]["data"]) for f in (base, same)
+    ]
+    low, _ = bootstrap_ratio(*rounds_only)
+    assert low > 1.3  # what the same rounds say without their repeats
+    (change,) = compare_runs(load_run(base), load_run(worse)).changes
+    assert change.regressed and change.low > 1.5
+    assert main(["compare", str(base), str(same)]) == 0
+    assert "resample each run's repeats" in capsys.readouterr().out
+    single = _repeated_run(tmp_path / "single.json", [1.4], 4)
+    assert compare_runs(load_run(base), load_run(single)).single_repeat
+    assert main(["compare", str(base), str(single)]) in (0, 1)
+    assert "do not cover how much a rerun of the same code differs" in capsys.readouterr().out
 
 
 def test_compare_flags_different_versions_and_never_turns_errors_into_verdicts(

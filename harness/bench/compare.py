@@ -22,6 +22,15 @@ in the base run, with its bootstrap interval (pairs resampled within each run). 
 cancels what the machine did to both backends (a slower or busier machine, another CPU
 frequency), so ``--relative`` judges regressions by it instead of by absolute times.
 
+**Repeats.** The rounds of one run share that run's machine state, and on a shared machine that
+state changes between runs: on the development machine two runs of the same code minutes apart gave
+torch 8.85 and 12.96 ms on many-small, each with a bootstrap interval of a few per cent. An
+interval from one run's rounds cannot cover that. When a run was made with ``--repeat N``, its
+rounds are grouped by repeat and the bootstrap has two levels (a cluster bootstrap): each resample
+draws the run's repeats with replacement, then rounds within each drawn repeat, the same number
+from each, so the interval covers the spread between repeats as well. A run with one repeat is
+resampled by rounds alone, and the comparison says so (`Comparison.single_repeat`).
+
 Errors are never verdicts: a run without per-round data, or two runs with no case in common,
 raise `CompareError`, which the command line turns into exit code 2.
 """
@@ -86,6 +95,8 @@ class Comparison:
     only_base: list[tuple[str, str]] = field(default_factory=list)
     only_new: list[tuple[str, str]] = field(default_factory=list)
     differences: list[str] = field(default_factory=list)
+    single_repeat: bool = False
+    """Some case of either run has one repeat: its interval covers that run's rounds, not reruns."""
 
     @property
     def regressions(self) -> list[CaseChange]:
@@ -96,15 +107,58 @@ class Comparison:
         return math.exp(sum(math.log(c.ratio) for c in self.changes) / len(self.changes))
 
 
+def resampled_medians(
+    values: np.ndarray, groups: np.ndarray | None, resamples: int, rng: np.random.Generator
+) -> np.ndarray:
+    """``resamples`` bootstrap medians of ``values``: by entry, or, with ``groups`` (a label per
+    entry) holding two or more labels, by group then by entry within each drawn group (as many
+    from each group as the groups hold on average)."""
+    labels = np.unique(groups) if groups is not None else np.zeros(0)
+    if labels.size < 2:
+        return np.median(rng.choice(values, size=(resamples, values.size), replace=True), axis=1)
+    members = [values[groups == g] for g in labels]
+    per_group = max(1, round(values.size / labels.size))
+    sizes = np.array([m.size for m in members])
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    flat = np.concatenate(members)
+    out = np.empty(resamples)
+    chunk = max(1, 4_000_000 // (labels.size * per_group))  # bounded memory per batch of resamples
+    for lo in range(0, resamples, chunk):
+        n = min(chunk, resamples - lo)
+        drawn = rng.integers(0, labels.size, size=(n, labels.size, 1))
+        within = (rng.random((n, labels.size, per_group)) * sizes[drawn]).astype(np.int64)
+        out[lo : lo + n] = np.median(flat[(starts[drawn] + within).reshape(n, -1)], axis=1)
+    return out
+
+
 def bootstrap_ratio(
-    base: np.ndarray, new: np.ndarray, resamples: int = RESAMPLES, seed: int = SEED
+    base: np.ndarray,
+    new: np.ndarray,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+    *,
+    base_groups: np.ndarray | None = None,
+    new_groups: np.ndarray | None = None,
 ) -> tuple[float, float]:
-    """95% bootstrap interval of ``median(new) / median(base)``."""
+    """95% bootstrap interval of ``median(new) / median(base)``; with groups (each entry's repeat),
+    two-level resampling for a run of two or more repeats (the module docstring)."""
     rng = np.random.default_rng(seed)
-    b = np.median(rng.choice(base, size=(resamples, base.size), replace=True), axis=1)
-    n = np.median(rng.choice(new, size=(resamples, new.size), replace=True), axis=1)
+    b = resampled_medians(base, base_groups, resamples, rng)
+    n = resampled_medians(new, new_groups, resamples, rng)
     ratios = n / b
     return float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
+
+
+def _repeats(bench: dict[str, Any]) -> np.ndarray | None:
+    """Each entry's repeat (``extra_info.rounds.repeat``), or ``None`` for a run without it."""
+    rounds = (bench.get("extra_info") or {}).get("rounds") or {}
+    repeat = rounds.get("repeat")
+    data = bench["stats"].get("data") or []
+    return np.asarray(repeat) if repeat is not None and len(repeat) == len(data) else None
+
+
+def _repeat_count(groups: np.ndarray | None) -> int:
+    return 1 if groups is None else int(np.unique(groups).size)
 
 
 def _rounds(run: Run, bench: dict[str, Any]) -> np.ndarray:
@@ -149,12 +203,14 @@ def _has_rounds(bench: dict[str, Any]) -> bool:
     return bool((bench.get("extra_info") or {}).get("rounds"))
 
 
-def _per_round_vs_baseline(case: dict[str, Any], base: dict[str, Any] | None) -> np.ndarray | None:
-    """``time / baseline's time`` per shared round of one run, or ``None`` without pairs."""
+def _per_round_vs_baseline(
+    case: dict[str, Any], base: dict[str, Any] | None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(repeats, time / baseline's time)`` per shared round of one run, or ``None`` without pairs."""
     if base is None or base is case:
         return None
     pairs = paired_times(case, base)
-    return None if pairs is None else pairs[1] / pairs[2]
+    return None if pairs is None else (pairs[0], pairs[1] / pairs[2])
 
 
 def compare_runs(
@@ -173,16 +229,19 @@ def compare_runs(
         raise CompareError(f"{base.path} and {new.path} have no (mode, backend, workload) case in common")
     reference = baseline or base.baseline
     changes = []
+    single_repeat = False
     for k in common:
         a, b = _rounds(base, base_cases[k]), _rounds(new, new_cases[k])
+        groups_a, groups_b = _repeats(base_cases[k]), _repeats(new_cases[k])
+        single_repeat |= min(_repeat_count(groups_a), _repeat_count(groups_b)) < 2
         ratio = float(np.median(b) / np.median(a))
-        low, high = bootstrap_ratio(a, b)
+        low, high = bootstrap_ratio(a, b, base_groups=groups_a, new_groups=groups_b)
         rel_a = _per_round_vs_baseline(base_cases[k], base_cases.get((reference, k[1], k[2])))
         rel_b = _per_round_vs_baseline(new_cases[k], new_cases.get((reference, k[1], k[2])))
         rel = rel_low = rel_high = None
         if rel_a is not None and rel_b is not None:
-            rel = float(np.median(rel_b) / np.median(rel_a))
-            rel_low, rel_high = bootstrap_ratio(rel_a, rel_b)
+            rel = float(np.median(rel_b[1]) / np.median(rel_a[1]))
+            rel_low, rel_high = bootstrap_ratio(rel_a[1], rel_b[1], base_groups=rel_a[0], new_groups=rel_b[0])
         basis = "vs baseline" if relative and rel is not None else "time"
         judged, j_low, j_high = (rel, rel_low, rel_high) if basis == "vs baseline" else (ratio, low, high)
         if relative and k[0] == reference and _has_rounds(base_cases[k]) and _has_rounds(new_cases[k]):
@@ -216,6 +275,7 @@ def compare_runs(
         only_base=[_labelled(k) for k in base_cases if k not in new_cases],
         only_new=[_labelled(k) for k in new_cases if k not in base_cases],
         differences=_differences(base, new),
+        single_repeat=single_repeat,
     )
 
 
@@ -273,6 +333,14 @@ def format_comparison(result: Comparison) -> str:
             f"\n`vs {result.baseline}`: the change of each case's per-round time over {result.baseline}'s "
             f"in the same round (cancels machine drift between the runs). Verdicts are judged {judged}."
         )
+    if result.single_repeat:
+        text += (
+            "\nIntervals resample rounds within each run, so they do not cover how much a rerun of the "
+            "same code differs on a shared machine; compare runs made with `--repeat 3`, whose repeats "
+            "are resampled too."
+        )
+    else:
+        text += "\nIntervals resample each run's repeats, then rounds within them (a two-level bootstrap)."
     for what, keys in (("only in base", result.only_base), ("only in new", result.only_new)):
         if keys:
             text += f"\n{what}: " + ", ".join(f"{b} x {w}" for b, w in keys)
