@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.bench.paired import paired_times
+from harness.bench.paired import paired_times, resampled_medians
 from harness.bench.runs import Run
 from harness.markdown import markdown_table
 
@@ -105,30 +105,6 @@ class Comparison:
     @property
     def geometric_mean(self) -> float:
         return math.exp(sum(math.log(c.ratio) for c in self.changes) / len(self.changes))
-
-
-def resampled_medians(
-    values: np.ndarray, groups: np.ndarray | None, resamples: int, rng: np.random.Generator
-) -> np.ndarray:
-    """``resamples`` bootstrap medians of ``values``: by entry, or, with ``groups`` (a label per
-    entry) holding two or more labels, by group then by entry within each drawn group (as many
-    from each group as the groups hold on average)."""
-    labels = np.unique(groups) if groups is not None else np.zeros(0)
-    if labels.size < 2:
-        return np.median(rng.choice(values, size=(resamples, values.size), replace=True), axis=1)
-    members = [values[groups == g] for g in labels]
-    per_group = max(1, round(values.size / labels.size))
-    sizes = np.array([m.size for m in members])
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    flat = np.concatenate(members)
-    out = np.empty(resamples)
-    chunk = max(1, 4_000_000 // (labels.size * per_group))  # bounded memory per batch of resamples
-    for lo in range(0, resamples, chunk):
-        n = min(chunk, resamples - lo)
-        drawn = rng.integers(0, labels.size, size=(n, labels.size, 1))
-        within = (rng.random((n, labels.size, per_group)) * sizes[drawn]).astype(np.int64)
-        out[lo : lo + n] = np.median(flat[(starts[drawn] + within).reshape(n, -1)], axis=1)
-    return out
 
 
 def bootstrap_ratio(

@@ -4,8 +4,10 @@ Two cases timed in the same interleaved round (`harness.bench.timing`) saw the s
 the ratio of their two times in that round cancels what the machine did to both. A speedup is the
 median over rounds of ``time of the other / time of this one`` (> 1: this one is faster), and its
 95% interval comes from resampling the rounds (pairs kept together) with replacement, seeded,
-2,000 times. With ``--repeat``, each repeat's speedup is the median over its own rounds, and the
-spread is the largest over the smallest of them.
+2,000 times. With ``--repeat``, each repeat's speedup is the median over its own rounds, the
+spread is the largest over the smallest of them, and the interval resamples the repeats first,
+then rounds within each drawn repeat (`resampled_medians`): one run's rounds share its machine
+state, so an interval from them alone does not cover a rerun (docs/benchmarks.md).
 
 A benchmark of pytest-benchmark's JSON keeps, beside ``stats.data``, which round each time came
 from (``extra_info.rounds``: repeat, round and position in the round, parallel to the data); a
@@ -48,12 +50,40 @@ def paired_times(a: dict[str, Any], b: dict[str, Any]) -> tuple[np.ndarray, np.n
     return arr[:, 0].astype(int), arr[:, 1], arr[:, 2]
 
 
+def resampled_medians(
+    values: np.ndarray, groups: np.ndarray | None, resamples: int, rng: np.random.Generator
+) -> np.ndarray:
+    """``resamples`` bootstrap medians of ``values``: by entry, or, with ``groups`` (a label per
+    entry) holding two or more labels, by group then by entry within each drawn group (as many
+    from each group as the groups hold on average)."""
+    labels = np.unique(groups) if groups is not None else np.zeros(0)
+    if labels.size < 2:
+        return np.median(rng.choice(values, size=(resamples, values.size), replace=True), axis=1)
+    members = [values[groups == g] for g in labels]
+    per_group = max(1, round(values.size / labels.size))
+    sizes = np.array([m.size for m in members])
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    flat = np.concatenate(members)
+    out = np.empty(resamples)
+    chunk = max(1, 4_000_000 // (labels.size * per_group))  # bounded memory per batch of resamples
+    for lo in range(0, resamples, chunk):
+        n = min(chunk, resamples - lo)
+        drawn = rng.integers(0, labels.size, size=(n, labels.size, 1))
+        within = (rng.random((n, labels.size, per_group)) * sizes[drawn]).astype(np.int64)
+        out[lo : lo + n] = np.median(flat[(starts[drawn] + within).reshape(n, -1)], axis=1)
+    return out
+
+
 def median_interval(
-    values: np.ndarray, resamples: int = RESAMPLES, seed: int = SEED
+    values: np.ndarray,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+    groups: np.ndarray | None = None,
 ) -> tuple[float, float, float]:
-    """``(median, 2.5th, 97.5th percentile of the bootstrapped median)`` of ``values``."""
+    """``(median, 2.5th, 97.5th percentile of the bootstrapped median)`` of ``values``; with
+    ``groups`` (each value's repeat), resampled by repeat then within (`resampled_medians`)."""
     rng = np.random.default_rng(seed)
-    boot = np.median(rng.choice(values, size=(resamples, values.size), replace=True), axis=1)
+    boot = resampled_medians(values, groups, resamples, rng)
     return float(np.median(values)), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
 
 
@@ -111,7 +141,7 @@ def speedup(this: dict[str, Any], other: dict[str, Any]) -> Speedup:
         )
     repeats, t_this, t_other = pairs
     ratios = t_other / t_this
-    mid, low, high = median_interval(ratios)
+    mid, low, high = median_interval(ratios, groups=repeats)
     by_repeat = tuple(float(np.median(ratios[repeats == r])) for r in sorted(set(repeats.tolist())))
     return Speedup(
         info["workload"],
