@@ -572,6 +572,37 @@ def test_speedup_is_the_median_of_paired_ratios_with_a_bootstrap_interval() -> N
     assert not old.paired and old.low is None  # a run without round ids: the ratio of medians
 
 
+def test_noise_monitor_reports_the_cases_own_level_where_the_probe_saw_nothing() -> None:
+    """The probe steady in both repeats, the cases 1.3x (numba) and 1.2x (torch) slower in the
+    second: its cases' level is their geometric mean, and it warns; the first repeat is at 1."""
+    probe = [1e-3] * 40
+
+    def case(backend: str, per_call: float, iterations: int = 2) -> dict[str, object]:
+        return {"backend": backend, "iterations": iterations, "seconds": [per_call * iterations] * 40}
+
+    windows = [
+        {
+            "workload": "w",
+            "repeat": 0,
+            "probe": probe,
+            "cases": [case("numba", 1e-3), case("torch", 2e-3, 1)],
+        },
+        {
+            "workload": "w",
+            "repeat": 1,
+            "probe": probe,
+            "cases": [case("numba", 1.3e-3), case("torch", 2.4e-3, 1)],
+        },
+    ]
+    summary = noise_summary(windows, threshold=0.10)
+    first, second = summary["windows"]
+    assert first["level"] == second["level"] == 1.0 and first["cases_level"] == pytest.approx(1.0)
+    assert second["cases_level"] == pytest.approx((1.3 * 1.2) ** 0.5)
+    (warning,) = summary["warnings"]
+    assert warning.startswith("w (repeat 2): the cases themselves ran at 1.25x their quickest repeat")
+    assert "numba x w, torch x w" in warning
+
+
 def test_noise_monitor_warns_about_the_window_where_the_machine_drifted() -> None:
     steady = [1e-3 * (1 + 0.01 * (i % 3)) for i in range(40)]
     windows = [

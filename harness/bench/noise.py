@@ -19,13 +19,20 @@ machine. The figures:
   ground). With one repeat it is 1 by construction: only the drift can warn;
 - ``drift``: the slowest over the fastest median of consecutive blocks of rounds within the window:
   the machine changed speed while the workload was timed;
-- ``noisy_rounds``: rounds whose probe exceeded the reference by more than the threshold.
+- ``noisy_rounds``: rounds whose probe exceeded the reference by more than the threshold;
+- ``cases_level``: the geometric mean, over the window's cases, of the case's median time per call
+  over its smallest median in any repeat (>= 1; 1 with one repeat). The probe reads the machine
+  through its own caches and threads, and can disagree with the cases: in one ``--repeat 3`` run it
+  put repeat 1 of cache-resident at 1.25x its level while all three backends ran fastest in that
+  repeat. The cases' own level says how much slower the measured code itself ran.
 
-A window whose level or drift exceeds 1 + threshold gets a warning that names its cases.
+A window whose level, drift or cases' level exceeds 1 + threshold gets a warning that names its
+cases.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -68,6 +75,7 @@ class WindowNoise:
     noisy_rounds: int
     rounds: int
     cases: tuple[str, ...]
+    cases_level: float | None = None
 
 
 def block_medians(probe: Sequence[float]) -> list[float]:
@@ -78,11 +86,35 @@ def block_medians(probe: Sequence[float]) -> list[float]:
     return [statistics.median(probe[a:b]) for a, b in zip(edges, edges[1:], strict=False) if b > a]
 
 
+def case_medians(window: dict[str, Any]) -> dict[str, float]:
+    """Each timed case's median seconds per call in one window record, by backend."""
+    out = {}
+    for c in window.get("cases", []):
+        seconds = c.get("seconds") or []
+        if seconds:
+            out[c["backend"]] = statistics.median(seconds) / max(1, int(c.get("iterations", 1)))
+    return out
+
+
+def cases_level(window: dict[str, Any], quickest: dict[tuple[str, str], float]) -> float | None:
+    """The geometric mean of the window's cases' medians over their quickest repeat's, or ``None``."""
+    ratios = [
+        m / q
+        for backend, m in case_medians(window).items()
+        if (q := quickest.get((window["workload"], backend), 0.0)) > 0
+    ]
+    return math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None
+
+
 def window_noise(
-    window: dict[str, Any], reference: float, threshold: float = DEFAULT_THRESHOLD
+    window: dict[str, Any],
+    reference: float,
+    threshold: float = DEFAULT_THRESHOLD,
+    quickest: dict[tuple[str, str], float] | None = None,
 ) -> WindowNoise | None:
     """The noise figures of one window record (`harness.bench.runner`) against its workload's
-    ``reference`` level, or ``None`` without a probe."""
+    ``reference`` level and each case's ``quickest`` median over the repeats, or ``None`` without
+    a probe."""
     probe = window.get("probe") or []
     if not probe or reference <= 0:
         return None
@@ -95,6 +127,7 @@ def window_noise(
         noisy_rounds=sum(p > reference * (1 + threshold) for p in probe),
         rounds=len(probe),
         cases=tuple(c["backend"] for c in window.get("cases", [])),
+        cases_level=cases_level(window, quickest or {}),
     )
 
 
@@ -115,10 +148,15 @@ def noise_summary(windows: Sequence[dict[str, Any]], threshold: float = DEFAULT_
             "windows": [],
             "warnings": [],
         }
+    quickest: dict[tuple[str, str], float] = {}
+    for w in windows:
+        for backend, m in case_medians(w).items():
+            key = (w["workload"], backend)
+            quickest[key] = min(m, quickest.get(key, m))
     figures = [
         n
         for w in windows
-        if (n := window_noise(w, by_workload.get(w["workload"], 0.0), threshold)) is not None
+        if (n := window_noise(w, by_workload.get(w["workload"], 0.0), threshold, quickest)) is not None
     ]
     return {
         "kernel": PROBE_DESCRIPTION,
@@ -131,7 +169,8 @@ def noise_summary(windows: Sequence[dict[str, Any]], threshold: float = DEFAULT_
 
 
 def noise_warnings(figures: Sequence[WindowNoise], threshold: float) -> list[str]:
-    """One line per window where the machine was off its workload's level or drifted, naming the cases."""
+    """One line per window where the machine was off its workload's level or drifted, or the cases
+    ran slower than in their quickest repeat, naming the cases."""
     out = []
     for n in figures:
         why = []
@@ -141,6 +180,10 @@ def noise_warnings(figures: Sequence[WindowNoise], threshold: float) -> list[str
             )
         if n.drift > 1 + threshold:
             why.append(f"it drifted by {n.drift:.2f}x (slowest / fastest block of rounds)")
+        if n.cases_level is not None and n.cases_level > 1 + threshold:
+            why.append(
+                f"the cases themselves ran at {n.cases_level:.2f}x their quickest repeat (geometric mean)"
+            )
         if why:
             cases = ", ".join(f"{b} x {n.workload}" for b in n.cases)
             out.append(

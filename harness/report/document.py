@@ -209,7 +209,8 @@ def method_section(runs: Sequence[Run]) -> str:
                 f"- noise monitor: {noise.get('kernel')}; quietest median "
                 f"{noise['reference_s'] * 1e3:.3g} ms. A workload is flagged when the probe's median in a "
                 f"repeat was off its median in the workload's quietest repeat, or drifted between blocks "
-                f"of rounds, by more than {threshold:.0%}."
+                f"of rounds, or when its cases' own medians were off their quickest repeat's (geometric "
+                f"mean), by more than {threshold:.0%}."
             )
             warnings = noise.get("warnings") or []
             out += [f"- **NOISE WARNING**: {w}" for w in warnings] or [
