@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.bench.paired import paired_times, resampled_medians
+from harness.bench.paired import paired_times, resampled_medians, round_keys
 from harness.bench.runs import Run
 from harness.markdown import markdown_table
 
@@ -126,11 +126,9 @@ def bootstrap_ratio(
 
 
 def _repeats(bench: dict[str, Any]) -> np.ndarray | None:
-    """Each entry's repeat (``extra_info.rounds.repeat``), or ``None`` for a run without it."""
-    rounds = (bench.get("extra_info") or {}).get("rounds") or {}
-    repeat = rounds.get("repeat")
-    data = bench["stats"].get("data") or []
-    return np.asarray(repeat) if repeat is not None and len(repeat) == len(data) else None
+    """Each entry's repeat (`round_keys`), or ``None`` for a run without them."""
+    keys = round_keys(bench)
+    return None if keys is None else np.asarray([repeat for repeat, _ in keys])
 
 
 def _repeat_count(groups: np.ndarray | None) -> int:

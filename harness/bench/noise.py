@@ -96,13 +96,12 @@ def case_medians(window: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def cases_level(window: dict[str, Any], quickest: dict[tuple[str, str], float]) -> float | None:
-    """The geometric mean of the window's cases' medians over their quickest repeat's, or ``None``."""
-    ratios = [
-        m / q
-        for backend, m in case_medians(window).items()
-        if (q := quickest.get((window["workload"], backend), 0.0)) > 0
-    ]
+def cases_level(
+    workload: str, medians: dict[str, float], quickest: dict[tuple[str, str], float]
+) -> float | None:
+    """The geometric mean of one window's case ``medians`` (`case_medians`) over their quickest
+    repeat's, or ``None``."""
+    ratios = [m / q for backend, m in medians.items() if (q := quickest.get((workload, backend), 0.0)) > 0]
     return math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None
 
 
@@ -111,10 +110,11 @@ def window_noise(
     reference: float,
     threshold: float = DEFAULT_THRESHOLD,
     quickest: dict[tuple[str, str], float] | None = None,
+    medians: dict[str, float] | None = None,
 ) -> WindowNoise | None:
     """The noise figures of one window record (`harness.bench.runner`) against its workload's
-    ``reference`` level and each case's ``quickest`` median over the repeats, or ``None`` without
-    a probe."""
+    ``reference`` level and each case's ``quickest`` median over the repeats (``medians``: the
+    window's `case_medians`, when already computed), or ``None`` without a probe."""
     probe = window.get("probe") or []
     if not probe or reference <= 0:
         return None
@@ -127,7 +127,9 @@ def window_noise(
         noisy_rounds=sum(p > reference * (1 + threshold) for p in probe),
         rounds=len(probe),
         cases=tuple(c["backend"] for c in window.get("cases", [])),
-        cases_level=cases_level(window, quickest or {}),
+        cases_level=cases_level(
+            window["workload"], case_medians(window) if medians is None else medians, quickest or {}
+        ),
     )
 
 
@@ -148,15 +150,16 @@ def noise_summary(windows: Sequence[dict[str, Any]], threshold: float = DEFAULT_
             "windows": [],
             "warnings": [],
         }
+    medians = [case_medians(w) for w in windows]
     quickest: dict[tuple[str, str], float] = {}
-    for w in windows:
-        for backend, m in case_medians(w).items():
+    for w, by_backend in zip(windows, medians, strict=True):
+        for backend, m in by_backend.items():
             key = (w["workload"], backend)
             quickest[key] = min(m, quickest.get(key, m))
     figures = [
         n
-        for w in windows
-        if (n := window_noise(w, by_workload.get(w["workload"], 0.0), threshold, quickest)) is not None
+        for w, m in zip(windows, medians, strict=True)
+        if (n := window_noise(w, by_workload.get(w["workload"], 0.0), threshold, quickest, m)) is not None
     ]
     return {
         "kernel": PROBE_DESCRIPTION,

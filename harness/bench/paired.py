@@ -87,6 +87,12 @@ def median_interval(
     return float(np.median(values)), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
 
 
+def faster_in(by_repeat: Sequence[float]) -> int:
+    """Repeats in which the faster one was faster (a speedup above 1): fewer than all of them is a
+    split verdict, the two within the machine's run-to-run spread of each other."""
+    return sum(x > 1 for x in by_repeat)
+
+
 @dataclass(frozen=True)
 class Speedup:
     """How much faster ``fast`` is than ``slow`` on one workload: ``time of slow / time of fast``."""
@@ -110,9 +116,7 @@ class Speedup:
 
     @property
     def faster_in(self) -> int:
-        """Repeats in which ``fast`` was the faster one: fewer than all of them is a split verdict,
-        the two within the machine's run-to-run spread of each other."""
-        return sum(x > 1 for x in self.by_repeat)
+        return faster_in(self.by_repeat)
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from harness.bench.paired import faster_in
 from harness.markdown import markdown_table
 
 SPREAD_PAIRS_LIMIT = 5
@@ -68,11 +69,20 @@ def spread_pairs(
     return shown
 
 
+def repeats_faster(pair: dict[str, Any]) -> int:
+    """Repeats in which the pair's faster one was faster (derived for a JSON before ``faster_in``)."""
+    return pair.get("faster_in", faster_in(pair["by_repeat"]))
+
+
+def is_split(pair: dict[str, Any]) -> bool:
+    """The pair's order changed between repeats."""
+    return repeats_faster(pair) < len(pair["by_repeat"])
+
+
 def verdict_text(pair: dict[str, Any]) -> str:
     """``faster in 3 of 3``, or ``split: faster in 2 of 3`` when the order changed between repeats."""
-    n = len(pair["by_repeat"])
-    k = pair.get("faster_in", sum(x > 1 for x in pair["by_repeat"]))
-    return f"faster in {k} of {n}" if k == n else f"split: faster in {k} of {n}"
+    text = f"faster in {repeats_faster(pair)} of {len(pair['by_repeat'])}"
+    return f"split: {text}" if is_split(pair) else text
 
 
 def spread_table(pairs: Sequence[dict[str, Any]]) -> str:
@@ -95,7 +105,7 @@ def spread_table(pairs: Sequence[dict[str, Any]]) -> str:
 
 def split_text(pairs: Sequence[dict[str, Any]]) -> str | None:
     """One sentence naming the pairs whose order changed between repeats, or ``None``."""
-    split = [p for p in pairs if verdict_text(p).startswith("split")]
+    split = [p for p in pairs if is_split(p)]
     if not split:
         return None
     names = "; ".join(f"{p['backend']} and {p['over']} on {p['workload']}" for p in split)
